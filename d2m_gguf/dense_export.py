@@ -1,0 +1,74 @@
+"""Dense HF checkpoint -> standard llama.cpp GGUF (`llama`, `qwen2`, `qwen3`).
+
+The same file llama.cpp's `convert_hf_to_gguf.py` writes (tests hold the two side
+by side), but streamed: tensors are memory-mapped and converted one at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .ggufout import OutType, TensorOut, tensor_qtype, write_gguf
+from .metadata import add_general, add_transformer_hparams
+from .spec import DenseSpec, load_dense_spec
+from .vocab import add_vocab
+
+
+def rope_interleave(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k rows -> the interleaved pairs llama.cpp's `llama` RoPE expects."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _loader(ckpt: Checkpoint, hf_name: str, n_head_permute: int = 0):
+    def load() -> np.ndarray:
+        data = ckpt.get(hf_name)
+        return rope_interleave(data, n_head_permute) if n_head_permute else data
+    return load
+
+
+def dense_tensors(spec: DenseSpec, ckpt: Checkpoint, outtype: OutType) -> list[TensorOut]:
+    """Every GGUF tensor of the dense export, in checkpoint order, not yet loaded."""
+    arch = gguf.MODEL_ARCH[spec.dense_gguf_arch.upper()]
+    names = gguf.get_tensor_name_map(arch, spec.n_layer)
+    permute = spec.dense_gguf_arch == "llama"  # llama.cpp's llama uses interleaved (NORM) RoPE
+    out = []
+    for hf_name in ckpt.names():
+        if spec.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise AssertionError(f"no GGUF name for {hf_name}")  # Checkpoint.check() let it through
+        n_head = 0
+        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            n_head = spec.n_head
+        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            n_head = spec.n_head_kv
+        shape = ckpt.shape(hf_name)
+        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype), _loader(ckpt, hf_name, n_head)))
+    return out
+
+
+def export_dense(hf_dir: Path, out_path: Path, outtype: OutType = OutType.F16,
+                 pre_tokenizer: str | None = None, progress: bool = True) -> None:
+    """Convert a dense HF checkpoint to a standard llama.cpp GGUF at `out_path` (atomically)."""
+    hf_dir = Path(hf_dir)
+    spec = load_dense_spec(hf_dir)
+    ckpt = Checkpoint(hf_dir)
+    ckpt.check(spec)
+    tensors = dense_tensors(spec, ckpt, outtype)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        add_general(writer, hf_dir, outtype)
+        writer.add_block_count(spec.n_layer)
+        writer.add_feed_forward_length(spec.n_ff)
+        add_transformer_hparams(writer, spec)
+        if spec.dense_gguf_arch == "llama":
+            writer.add_vocab_size(spec.vocab_size)
+            writer.add_rope_dimension_count(spec.head_dim)
+        add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+
+    write_gguf(out_path, spec.dense_gguf_arch, tensors, metadata, progress=progress, desc="dense export")

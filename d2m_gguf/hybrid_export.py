@@ -1,0 +1,72 @@
+"""A dense2moe model (HybridModel + its plan) -> GGUF, as specified in docs/gguf-format.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from .constants import ARCH, FORMAT_VERSION, Keys
+from .ggufout import OutType, TensorOut, tensor_qtype, write_gguf
+from .metadata import add_general
+from .model import HybridConfig, HybridModel, gguf_name
+from .plan import FusionPlan
+from .spec import DenseSpec
+from .vocab import add_vocab
+
+
+def add_hybrid_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
+    """Shared hyperparameters plus the per-layer arrays that say what each block is."""
+    u32 = gguf.GGUFValueType.UINT32
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_ctx_train)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head_kv)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_key_value(Keys.FEED_FORWARD_LENGTH, [b.n_ff for b in cfg.blocks], gguf.GGUFValueType.ARRAY, u32)
+    writer.add_key_value(Keys.ATTENTION_PRESENT, [b.attention for b in cfg.blocks],
+                         gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+    writer.add_key_value(Keys.EXPERT_COUNT, [b.n_expert for b in cfg.blocks], gguf.GGUFValueType.ARRAY, u32)
+    writer.add_key_value(Keys.EXPERT_USED_COUNT, [b.n_expert_used for b in cfg.blocks], gguf.GGUFValueType.ARRAY, u32)
+    writer.add_expert_weights_norm(cfg.normalize_topk)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+
+
+def hybrid_tensors(model: HybridModel, outtype: OutType) -> list[TensorOut]:
+    out = []
+    for key, value in model.state_dict().items():
+        name = gguf_name(key)
+        shape = tuple(value.shape)
+        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype),
+                             lambda v=value: v.detach().to("cpu").float().numpy()))
+    return out
+
+
+def export_hybrid(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
+                  outtype: OutType = OutType.F16, pre_tokenizer: str | None = None,
+                  healing: dict[str, Any] | None = None, progress: bool = True) -> None:
+    """Write `model` as a dense2moe GGUF, with the source's tokenizer and the plan as provenance."""
+    hf_dir = Path(hf_dir)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        add_general(writer, hf_dir, outtype)
+        add_hybrid_hparams(writer, model.cfg)
+        add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+        writer.add_uint32(Keys.FORMAT, FORMAT_VERSION)
+        writer.add_string(Keys.SOURCE_MODEL, str(spec.config.get("_name_or_path") or hf_dir.name))
+        writer.add_string(Keys.SOURCE_ARCH, spec.hf_architecture)
+        writer.add_uint32(Keys.SOURCE_LAYERS, spec.n_layer)
+        writer.add_string(Keys.METHOD, plan.method)
+        writer.add_string(Keys.PLAN, plan.dumps())
+        if healing:
+            writer.add_string(Keys.HEALING, json.dumps(healing, sort_keys=True))
+
+    write_gguf(out_path, ARCH, hybrid_tensors(model, outtype), metadata, progress=progress, desc="dense2moe export")

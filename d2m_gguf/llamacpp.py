@@ -1,0 +1,113 @@
+"""Driving the (patched) llama.cpp tools and reading what they print.
+
+Binaries are looked up in $D2M_LLAMA_BIN, then in build/llama.cpp/bin of this
+checkout (where `make llama` puts them). `wrapper` runs them through an emulator
+(qemu for the arm64 build).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import D2MError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BIN = REPO / "build" / "llama.cpp" / "bin"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """A directory of llama.cpp tools, optionally run under a wrapper (e.g. qemu-aarch64-static)."""
+
+    bin_dir: Path
+    wrapper: tuple[str, ...] = ()
+    threads: int = 2
+
+    @classmethod
+    def default(cls) -> "LlamaCpp":
+        return cls(Path(os.environ.get("D2M_LLAMA_BIN", DEFAULT_BIN)))
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.is_file():
+            raise D2MError(f"{path}: not built (run `make llama`)")
+        return path
+
+    def run(self, name: str, args: Sequence[str], timeout: float = 3600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        cmd = [*self.wrapper, str(self.tool(name)), *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})}, errors="replace")
+        if check and proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise D2MError(f"{name} failed (exit {proc.returncode}): {tail}")
+        return proc
+
+    # -- tools ------------------------------------------------------------------------------
+
+    def logits(self, model: Path, tokens: Sequence[int], mode: str = "batch", ctx: int | None = None) -> tuple[np.ndarray, str]:
+        """Logits [n_tokens, n_vocab] from `llama-d2m-logits` (batch prefill or token-by-token decode), and its log."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_file, out_file = Path(tmp) / "tokens.bin", Path(tmp) / "logits.bin"
+            np.asarray(tokens, dtype="<i4").tofile(tok_file)
+            args = ["-m", model, "--tokens", tok_file, "--out", out_file, "--mode", mode, "-t", self.threads]
+            if ctx:
+                args += ["-c", ctx]
+            proc = self.run("llama-d2m-logits", args)
+            data = np.fromfile(out_file, dtype="<f4")
+        return data.reshape(len(tokens), -1), proc.stderr
+
+    def perplexity(self, model: Path, text_file: Path, ctx: int = 512, chunks: int | None = None,
+                   batch: int | None = None, extra: Sequence[str] = ()) -> tuple[float, str]:
+        """WikiText-style perplexity from `llama-perplexity` (its final estimate) and its log."""
+        args = ["-m", model, "-f", text_file, "-c", ctx, "-t", self.threads, *extra]
+        if chunks:
+            args += ["--chunks", chunks]
+        if batch:
+            args += ["-b", batch, "-ub", batch]
+        proc = self.run("llama-perplexity", args)
+        return parse_perplexity(proc.stdout + proc.stderr), proc.stderr
+
+    def complete(self, model: Path, prompt: str, n: int = 24, extra: Sequence[str] = ()) -> tuple[str, str]:
+        """Greedy completion text from `llama-completion`, and its log."""
+        proc = self.run("llama-completion", ["-m", model, "-p", prompt, "-n", n, "--temp", 0, "-no-cnv",
+                                             "-t", self.threads, "-c", 512, *extra])
+        return proc.stdout, proc.stderr
+
+    def quantize(self, src: Path, dst: Path, qtype: str, extra: Sequence[str] = ()) -> str:
+        proc = self.run("llama-quantize", [*extra, src, dst, qtype, self.threads])
+        return proc.stdout + proc.stderr
+
+
+_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
+_KV = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers")
+
+
+def parse_perplexity(log: str) -> float:
+    m = _PPL.search(log)
+    if not m:
+        raise D2MError("llama-perplexity printed no final estimate")
+    return float(m.group(1))
+
+
+@dataclass(frozen=True)
+class KvCacheInfo:
+    mib: float
+    cells: int
+    layers: int
+
+
+def parse_kv_cache(log: str) -> KvCacheInfo:
+    """llama.cpp's `llama_kv_cache: size = X MiB (N cells, L layers, ...)` line."""
+    m = _KV.search(log)
+    if not m:
+        raise D2MError("no llama_kv_cache size line in the log")
+    return KvCacheInfo(float(m.group(1)), int(m.group(2)), int(m.group(3)))

@@ -1,0 +1,241 @@
+"""Reading GGUF files back: inspect any model, validate and load dense2moe ones.
+
+Uses the same names as the writer (constants.py), so a file the writer produces
+and the checks the validator makes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from .constants import ARCH, ATTENTION_TENSORS, Keys, T, tensor_name
+from .errors import D2MError
+from .model import BlockConfig, HybridConfig, HybridModel, state_key
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise D2MError(f"{path}: no such file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        raise D2MError(f"{path}: not a readable GGUF file ({e})") from e
+
+
+def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return f.contents() if f is not None else default
+
+
+def _per_layer(value: Any, n: int) -> list:
+    return list(value) if isinstance(value, list) else [value] * n
+
+
+def layer_map(reader: gguf.GGUFReader) -> list[dict[str, Any]]:
+    """Per layer: attention present, experts (0 = dense FFN), experts used, FFN width."""
+    arch = field(reader, "general.architecture")
+    n = int(field(reader, f"{arch}.block_count", 0))
+    tensors = {t.name: t for t in reader.tensors}
+    used = _per_layer(field(reader, f"{arch}.expert_used_count", 0), n)
+    n_ff = _per_layer(field(reader, f"{arch}.feed_forward_length", 0), n)
+    present = field(reader, Keys.ATTENTION_PRESENT) if arch == ARCH else None
+    layers = []
+    for i in range(n):
+        router = tensors.get(tensor_name(T.FFN_GATE_INP, i))
+        experts = int(router.shape[1]) if router is not None and len(router.shape) > 1 else 0
+        has_attn = (bool(present[i]) if present is not None and i < len(present) else
+                    tensor_name(T.ATTN_Q, i) in tensors or tensor_name(T.ATTN_QKV, i) in tensors)
+        layers.append({"layer": i, "attention": has_attn, "experts": experts,
+                       "experts_used": int(used[i]) if experts and i < len(used) else 0,
+                       "ffn_length": int(n_ff[i]) if i < len(n_ff) else 0})
+    return layers
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    reader = open_gguf(path)
+    by_type: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for t in reader.tensors:
+        by_type[t.tensor_type.name] += int(t.n_bytes)
+        count[t.tensor_type.name] += 1
+    info = {
+        "file": str(path),
+        "architecture": field(reader, "general.architecture"),
+        "name": field(reader, "general.name"),
+        "file_type": field(reader, "general.file_type"),
+        "tensor_count": len(reader.tensors),
+        "size_bytes": Path(path).stat().st_size,
+        "size_by_dtype": {k: {"tensors": count[k], "bytes": v} for k, v in sorted(by_type.items())},
+        "layers": layer_map(reader),
+    }
+    plan = field(reader, Keys.PLAN)
+    if plan:
+        info["method"] = field(reader, Keys.METHOD)
+        info["source_model"] = field(reader, Keys.SOURCE_MODEL)
+        info["plan"] = json.loads(plan)
+    return info
+
+
+# -- dense2moe ------------------------------------------------------------------------------
+
+def _expected_shapes(cfg: HybridConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy shape for block i (what the writer writes and llama.cpp loads)."""
+    b, d, hd = cfg.blocks[i], cfg.n_embd, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {tensor_name(T.FFN_NORM, i): (d,)}
+    if b.attention:
+        shapes.update({
+            tensor_name(T.ATTN_NORM, i): (d,),
+            tensor_name(T.ATTN_Q, i): (cfg.n_head * hd, d),
+            tensor_name(T.ATTN_K, i): (cfg.n_head_kv * hd, d),
+            tensor_name(T.ATTN_V, i): (cfg.n_head_kv * hd, d),
+            tensor_name(T.ATTN_OUT, i): (d, cfg.n_head * hd),
+        })
+        if cfg.qkv_bias:
+            shapes.update({tensor_name(T.ATTN_Q, i, "bias"): (cfg.n_head * hd,),
+                           tensor_name(T.ATTN_K, i, "bias"): (cfg.n_head_kv * hd,),
+                           tensor_name(T.ATTN_V, i, "bias"): (cfg.n_head_kv * hd,)})
+        if cfg.o_bias:
+            shapes[tensor_name(T.ATTN_OUT, i, "bias")] = (d,)
+        if cfg.qk_norm:
+            shapes.update({tensor_name(T.ATTN_Q_NORM, i): (hd,), tensor_name(T.ATTN_K_NORM, i): (hd,)})
+    if b.is_moe:
+        e, f = b.n_expert, b.n_ff
+        shapes.update({
+            tensor_name(T.FFN_GATE_INP, i): (e, d),
+            tensor_name(T.FFN_GATE_INP, i, "bias"): (e,),
+            tensor_name(T.FFN_GATE_EXP, i): (e, f, d),
+            tensor_name(T.FFN_UP_EXP, i): (e, f, d),
+            tensor_name(T.FFN_DOWN_EXP, i): (e, d, f),
+        })
+    else:
+        shapes.update({tensor_name(T.FFN_GATE, i): (b.n_ff, d), tensor_name(T.FFN_UP, i): (b.n_ff, d),
+                       tensor_name(T.FFN_DOWN, i): (d, b.n_ff)})
+    return shapes
+
+
+def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int]:
+    problems = []
+    n = field(reader, Keys.BLOCK_COUNT)
+    if not isinstance(n, int) or n <= 0:
+        return [f"{Keys.BLOCK_COUNT} missing or not a positive integer"], 0
+    for key in (Keys.ATTENTION_PRESENT, Keys.EXPERT_COUNT, Keys.EXPERT_USED_COUNT, Keys.FEED_FORWARD_LENGTH):
+        value = field(reader, key)
+        if not isinstance(value, list):
+            problems.append(f"{key} missing or not a per-layer array")
+        elif len(value) != n:
+            problems.append(f"{key} has {len(value)} entries, {Keys.BLOCK_COUNT} is {n}")
+    for key in (Keys.EMBEDDING_LENGTH, Keys.HEAD_COUNT, Keys.HEAD_COUNT_KV, Keys.VOCAB_SIZE):
+        if not isinstance(field(reader, key), int):
+            problems.append(f"{key} missing")
+    experts = field(reader, Keys.EXPERT_COUNT) or []
+    used = field(reader, Keys.EXPERT_USED_COUNT) or []
+    if isinstance(experts, list) and isinstance(used, list):
+        for i, (e, k) in enumerate(zip(experts, used)):
+            if k > e:
+                problems.append(f"layer {i}: {k} experts used > {e} experts")
+            elif e > 0 and k == 0:
+                problems.append(f"layer {i}: {e} experts but none used")
+    return problems, n
+
+
+def hybrid_config_from_gguf(reader: gguf.GGUFReader) -> HybridConfig:
+    arch = field(reader, "general.architecture")
+    if arch != ARCH:
+        raise D2MError(f"{reader.data.filename}: architecture {arch!r}, expected {ARCH!r}")
+    problems, n = _metadata_problems(reader)
+    if problems:
+        raise D2MError(f"{reader.data.filename}: {problems[0]}")
+    names = {t.name for t in reader.tensors}
+    present = field(reader, Keys.ATTENTION_PRESENT)
+    experts = field(reader, Keys.EXPERT_COUNT)
+    used = field(reader, Keys.EXPERT_USED_COUNT)
+    n_ff = field(reader, Keys.FEED_FORWARD_LENGTH)
+    first_attn = next((i for i in range(n) if present[i]), None)
+    n_embd = int(field(reader, Keys.EMBEDDING_LENGTH))
+    n_head = int(field(reader, Keys.HEAD_COUNT))
+    return HybridConfig(
+        vocab_size=int(field(reader, Keys.VOCAB_SIZE)), n_embd=n_embd, n_head=n_head,
+        n_head_kv=int(field(reader, Keys.HEAD_COUNT_KV)),
+        head_dim=int(field(reader, Keys.KEY_LENGTH, n_embd // n_head)),
+        n_ctx_train=int(field(reader, Keys.CONTEXT_LENGTH, 2048)),
+        rms_eps=float(field(reader, Keys.RMS_EPS, 1e-6)),
+        rope_theta=float(field(reader, Keys.ROPE_FREQ_BASE, 10000.0)),
+        qkv_bias=first_attn is not None and tensor_name(T.ATTN_Q, first_attn, "bias") in names,
+        o_bias=first_attn is not None and tensor_name(T.ATTN_OUT, first_attn, "bias") in names,
+        qk_norm=first_attn is not None and tensor_name(T.ATTN_Q_NORM, first_attn) in names,
+        tie_word_embeddings=tensor_name(T.OUTPUT) not in names,
+        normalize_topk=bool(field(reader, Keys.EXPERT_WEIGHTS_NORM, False)),
+        blocks=tuple(BlockConfig(bool(present[i]), int(n_ff[i]), int(experts[i]), int(used[i])) for i in range(n)),
+    )
+
+
+def validate_gguf(path: Path) -> list[str]:
+    """Every way `path` breaks the dense2moe contract (empty list: valid)."""
+    reader = open_gguf(path)
+    arch = field(reader, "general.architecture")
+    if arch != ARCH:
+        return [f"general.architecture is {arch!r}, expected {ARCH!r}"]
+    problems, n = _metadata_problems(reader)
+    if problems:
+        return problems
+    cfg = hybrid_config_from_gguf(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    expected: dict[str, tuple[int, ...]] = {tensor_name(T.TOKEN_EMBD): (cfg.vocab_size, cfg.n_embd),
+                                            tensor_name(T.OUTPUT_NORM): (cfg.n_embd,)}
+    if tensor_name(T.OUTPUT) in tensors:
+        expected[tensor_name(T.OUTPUT)] = (cfg.vocab_size, cfg.n_embd)
+    for i in range(n):
+        expected.update(_expected_shapes(cfg, i))
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            if not name.endswith(".bias") or ".ffn_gate_inp." not in name:  # the router bias is optional
+                problems.append(f"tensor {name} is missing")
+            continue
+        got = tuple(int(d) for d in reversed(t.shape))
+        if got != shape:
+            problems.append(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
+        if len(shape) == 1 and t.tensor_type != gguf.GGMLQuantizationType.F32:
+            problems.append(f"tensor {name} is {t.tensor_type.name}, 1-D tensors must be F32")
+    for name in tensors:
+        if name not in expected:
+            layer = name.split(".")[1] if name.startswith("blk.") else None
+            if layer is not None and layer.isdigit() and int(layer) < n and not cfg.blocks[int(layer)].attention \
+                    and any(name.startswith(gguf.TENSOR_NAMES[k].format(bid=int(layer)) + ".") for k in ATTENTION_TENSORS):
+                problems.append(f"tensor {name} in layer {layer}, which is flagged attention-free")
+            else:
+                problems.append(f"unexpected tensor {name}")
+    return problems
+
+
+def load_hybrid(path: Path) -> HybridModel:
+    """Read a dense2moe GGUF into the PyTorch reference (weights dequantized to float32)."""
+    reader = open_gguf(path)
+    problems = validate_gguf(path)
+    if problems:
+        raise D2MError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    cfg = hybrid_config_from_gguf(reader)
+    model = HybridModel(cfg)
+    keys = state_key(model)
+    state = {}
+    for t in reader.tensors:
+        if t.name not in keys:
+            continue
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        data = np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        state[keys[t.name]] = torch.from_numpy(data.copy())
+    missing = set(keys.values()) - set(state)
+    for key in missing:  # only an absent router bias can get here (validate_gguf allows it)
+        state[key] = torch.zeros_like(model.state_dict()[key])
+    model.load_state_dict(state)
+    return model
+

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 checkpoint, tiny random checkpoints, llama.cpp builds, data.
+
+Paths come from the environment `make test` sets (D2M_*), with this checkout's
+defaults. A missing prerequisite is a failure with the make target to run, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2m_gguf.fixtures.tiny import FAMILIES, make_tiny
+from d2m_gguf.llamacpp import LlamaCpp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env_path(var: str, default: Path) -> Path:
+    return Path(os.environ.get(var, default))
+
+
+DATA_DIR = _env_path("D2M_DATA", REPO.parent / "shared" / "data")
+CALIBRATION = DATA_DIR / "calibration-mixed.txt"
+WIKITEXT = DATA_DIR / "wikitext-2-raw-test.txt"
+
+
+def _require(path: Path, target: str) -> Path:
+    assert path.exists(), f"{path} is missing: run `make {target}` (make test does)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return _require(_env_path("D2M_SMOLLM2", REPO / "models" / "smollm2-135m-instruct") / "model.safetensors",
+                    "smollm2").parent
+
+
+@pytest.fixture(scope="session")
+def llama_src() -> Path:
+    return _require(_env_path("D2M_LLAMA_SRC", REPO / "build" / "llama.cpp-src") / "convert_hf_to_gguf.py",
+                    "llama-src").parent
+
+
+@pytest.fixture(scope="session")
+def llama() -> LlamaCpp:
+    """The patched host build."""
+    bin_dir = _env_path("D2M_LLAMA_BIN", REPO / "build" / "llama.cpp" / "bin")
+    _require(bin_dir / "llama-d2m-logits", "llama")
+    return LlamaCpp(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_stock() -> LlamaCpp:
+    """Unpatched llama.cpp, for holding dense exports against upstream."""
+    bin_dir = _env_path("D2M_LLAMA_STOCK_BIN", REPO / "build" / "llama.cpp-stock" / "bin")
+    _require(bin_dir / "llama-perplexity", "llama-stock")
+    return LlamaCpp(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def calibration_text() -> Path:
+    return _require(CALIBRATION, "test (shared/data beside the checkout)")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    return _require(WIKITEXT, "test (shared/data beside the checkout)")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, smollm2_dir, calibration_text) -> dict[str, Path]:
+    """family -> tiny random HF checkpoint (built once per session)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny(f, root / f, bpe_tokenizer_dir=smollm2_dir, text_file=calibration_text) for f in FAMILIES}
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run `python convert.py ...` or `python -m d2m_gguf ...` as a user would."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=1800)

@@ -1,0 +1,57 @@
+"""Comparisons the tests share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+@dataclass
+class GGUFDiff:
+    missing_keys: dict[str, object] = field(default_factory=dict)   # in reference, not in candidate
+    extra_keys: dict[str, object] = field(default_factory=dict)
+    changed_keys: dict[str, tuple] = field(default_factory=dict)
+    missing_tensors: list[str] = field(default_factory=list)
+    extra_tensors: list[str] = field(default_factory=list)
+    changed_tensors: dict[str, str] = field(default_factory=dict)    # name -> what differs
+
+
+def _kv(reader: gguf.GGUFReader) -> dict[str, object]:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def gguf_diff(reference: Path, candidate: Path, compare_data: bool = True) -> GGUFDiff:
+    ref, cand = gguf.GGUFReader(reference), gguf.GGUFReader(candidate)
+    d = GGUFDiff()
+    kr, kc = _kv(ref), _kv(cand)
+    for k, v in kr.items():
+        if k not in kc:
+            d.missing_keys[k] = v
+        elif kc[k] != v:
+            d.changed_keys[k] = (v, kc[k])
+    d.extra_keys = {k: v for k, v in kc.items() if k not in kr}
+    tr, tc = {t.name: t for t in ref.tensors}, {t.name: t for t in cand.tensors}
+    d.missing_tensors = sorted(set(tr) - set(tc))
+    d.extra_tensors = sorted(set(tc) - set(tr))
+    for name in sorted(set(tr) & set(tc)):
+        a, b = tr[name], tc[name]
+        if a.tensor_type != b.tensor_type:
+            d.changed_tensors[name] = f"type {a.tensor_type.name} vs {b.tensor_type.name}"
+        elif list(a.shape) != list(b.shape):
+            d.changed_tensors[name] = f"shape {list(a.shape)} vs {list(b.shape)}"
+        elif compare_data and not np.array_equal(a.data.view(np.uint8), b.data.view(np.uint8)):
+            d.changed_tensors[name] = "data differs"
+    return d
+
+
+def nmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mean squared error of a against the reference b."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
