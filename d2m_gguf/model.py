@@ -124,6 +124,14 @@ class DenseFFN(nn.Module):
         return self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
 
 
+def load_balance(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load-balance loss: E * sum_e (share of routed slots to e) * (mean probability of e).
+    1.0 when routing is uniform; larger when a few experts take the tokens."""
+    n_expert, k = probs.shape[-1], selected.shape[-1]
+    routed = torch.zeros_like(probs).scatter_(-1, selected, 1.0).mean(0) / k
+    return n_expert * (routed * probs.mean(0)).sum()
+
+
 class MoEFFN(nn.Module):
     """Softmax router over SwiGLU experts, top-k, llama.cpp's `build_moe_ffn` semantics."""
 
@@ -136,6 +144,7 @@ class MoEFFN(nn.Module):
         self.ffn_up_exps = nn.Parameter(torch.zeros(n_expert, n_ff, n_embd))
         self.ffn_down_exps = nn.Parameter(torch.zeros(n_expert, n_embd, n_ff))
         self.last_selection: torch.Tensor | None = None  # [tokens, k] expert ids of the last forward
+        self.last_balance: torch.Tensor | None = None    # load-balance loss of the last training forward
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         return F.silu(h @ self.ffn_gate_exps[e].T) * (h @ self.ffn_up_exps[e].T) @ self.ffn_down_exps[e].T
@@ -151,8 +160,10 @@ class MoEFFN(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         h = h.reshape(-1, shape[-1])
-        _, selected, weights = self.route(h)
+        probs, selected, weights = self.route(h)
         self.last_selection = selected.detach()
+        if self.training:
+            self.last_balance = load_balance(probs, selected)
         out = torch.zeros_like(h)
         for e in range(self.ffn_gate_exps.shape[0]):
             rows, slot = torch.nonzero(selected == e, as_tuple=True)
@@ -173,10 +184,15 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.n_embd, bc.n_ff)
 
+    def contributions(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What the block adds to the residual stream: (attention output or None, FFN output)."""
+        a = self.attn(x, cos, sin) if self.has_attention else None
+        h = x if a is None else x + a
+        return a, self.ffn(self.ffn_norm(h))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.has_attention:
-            x = x + self.attn(x, cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        a, f = self.contributions(x, cos, sin)
+        return (x if a is None else x + a) + f
 
 
 class HybridModel(nn.Module):

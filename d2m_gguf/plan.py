@@ -44,10 +44,11 @@ class BlockPlan:
     mlp: tuple[int, ...]
     moe: bool
     top_k: int = 0  # experts per token; 0 for a dense FFN
+    split: int = 1  # experts cut from each source MLP (fine-grained experts of n_ff / split neurons)
 
     @property
     def n_expert(self) -> int:
-        return len(self.mlp) if self.moe else 0
+        return len(self.mlp) * self.split if self.moe else 0
 
     @property
     def kind(self) -> str:
@@ -57,7 +58,9 @@ class BlockPlan:
         d: dict[str, Any] = {"attention": self.attention, "mlp": list(self.mlp)}
         if self.moe:
             d["top_k"] = self.top_k
-            if len(self.mlp) == 1:
+            if self.split > 1:
+                d["split"] = self.split
+            if len(self.mlp) == 1 and self.split == 1:
                 d["ffn"] = "moe"
         elif len(self.mlp) > 1:
             d["ffn"] = "dense"
@@ -152,7 +155,7 @@ def parse_plan(doc: Any, where: str = "plan") -> FusionPlan:
         at = f"{where}: block {i}"
         if not isinstance(raw, dict):
             raise D2MError(f"{at}: expected an object")
-        extra = sorted(set(raw) - {"attention", "mlp", "ffn", "top_k"})
+        extra = sorted(set(raw) - {"attention", "mlp", "ffn", "top_k", "split"})
         if extra:
             raise D2MError(f"{at}: unknown field {extra[0]!r}")
         attention = raw.get("attention")
@@ -164,7 +167,8 @@ def parse_plan(doc: Any, where: str = "plan") -> FusionPlan:
         if not isinstance(mlp, list) or not mlp:
             raise D2MError(f"{at}: 'mlp' must be a non-empty list of source layers")
         mlp = tuple(_int(s, f"{at}: 'mlp' entry") for s in mlp)
-        ffn = raw.get("ffn", "moe" if len(mlp) > 1 else "dense")
+        split = _int(raw.get("split", 1), f"{at}: 'split'")
+        ffn = raw.get("ffn", "moe" if len(mlp) > 1 or split > 1 else "dense")
         if ffn not in ("dense", "moe"):
             raise D2MError(f"{at}: 'ffn' must be 'dense' or 'moe', got {ffn!r}")
         moe = ffn == "moe"
@@ -172,7 +176,9 @@ def parse_plan(doc: Any, where: str = "plan") -> FusionPlan:
         top_k = _int(top_k, f"{at}: 'top_k'")
         if not moe and "top_k" in raw:
             raise D2MError(f"{at}: 'top_k' is only for 'ffn': 'moe' blocks")
-        blocks.append(BlockPlan(attention, mlp, moe, top_k))
+        if split < 1 or (not moe and split != 1):
+            raise D2MError(f"{at}: 'split' must be a positive integer, for 'ffn': 'moe' blocks only")
+        blocks.append(BlockPlan(attention, mlp, moe, top_k, split))
 
     router_init = doc.get("router_init", "random")
     if router_init not in ROUTER_INITS:
@@ -187,8 +193,8 @@ def parse_plan(doc: Any, where: str = "plan") -> FusionPlan:
     return plan
 
 
-def validate_plan(plan: FusionPlan, where: str = "plan", n_layer: int | None = None) -> None:
-    """Raise a D2MError naming the first problem: indices, reuse, top-k, ordering."""
+def validate_plan(plan: FusionPlan, where: str = "plan", n_layer: int | None = None, n_ff: int | None = None) -> None:
+    """Raise a D2MError naming the first problem: indices, reuse, top-k, expert splits."""
     n = plan.source_layers
     if n_layer is not None and n != n_layer:
         raise D2MError(f"{where}: written for a {n}-layer model, the source has {n_layer} layers")
@@ -208,10 +214,12 @@ def validate_plan(plan: FusionPlan, where: str = "plan", n_layer: int | None = N
                 raise D2MError(f"{at}: mlp source {s} is out of range 0..{n - 1}")
             mlp_used[s] += 1
         if b.moe:
-            if not 1 <= b.top_k <= len(b.mlp):
-                raise D2MError(f"{at}: top_k {b.top_k} must be between 1 and the {len(b.mlp)} experts")
+            if not 1 <= b.top_k <= b.n_expert:
+                raise D2MError(f"{at}: top_k {b.top_k} must be between 1 and the {b.n_expert} experts")
         elif b.top_k:
             raise D2MError(f"{at}: a dense FFN has no top_k")
+        if n_ff is not None and n_ff % b.split:
+            raise D2MError(f"{at}: split {b.split} does not divide the MLP width {n_ff}")
     for s, count in sorted(attn_used.items()):
         if count > 1 and s not in plan.shared:
             raise D2MError(f"{where}: attention of layer {s} is used {count} times (declare it in 'shared')")

@@ -122,11 +122,12 @@ def _expected_shapes(cfg: HybridConfig, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int]:
+def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int, bool]:
+    """(problems, block count, whether tensors can still be checked against the metadata)."""
     problems = []
     n = field(reader, Keys.BLOCK_COUNT)
     if not isinstance(n, int) or n <= 0:
-        return [f"{Keys.BLOCK_COUNT} missing or not a positive integer"], 0
+        return [f"{Keys.BLOCK_COUNT} missing or not a positive integer"], 0, False
     for key in (Keys.ATTENTION_PRESENT, Keys.EXPERT_COUNT, Keys.EXPERT_USED_COUNT, Keys.FEED_FORWARD_LENGTH):
         value = field(reader, key)
         if not isinstance(value, list):
@@ -136,6 +137,7 @@ def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int]:
     for key in (Keys.EMBEDDING_LENGTH, Keys.HEAD_COUNT, Keys.HEAD_COUNT_KV, Keys.VOCAB_SIZE):
         if not isinstance(field(reader, key), int):
             problems.append(f"{key} missing")
+    structural = bool(problems)
     experts = field(reader, Keys.EXPERT_COUNT) or []
     used = field(reader, Keys.EXPERT_USED_COUNT) or []
     if isinstance(experts, list) and isinstance(used, list):
@@ -144,15 +146,15 @@ def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int]:
                 problems.append(f"layer {i}: {k} experts used > {e} experts")
             elif e > 0 and k == 0:
                 problems.append(f"layer {i}: {e} experts but none used")
-    return problems, n
+    return problems, n, not structural
 
 
-def hybrid_config_from_gguf(reader: gguf.GGUFReader) -> HybridConfig:
+def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> HybridConfig:
     arch = field(reader, "general.architecture")
     if arch != ARCH:
         raise D2MError(f"{reader.data.filename}: architecture {arch!r}, expected {ARCH!r}")
-    problems, n = _metadata_problems(reader)
-    if problems:
+    problems, n, usable = _metadata_problems(reader)
+    if problems and (strict or not usable):
         raise D2MError(f"{reader.data.filename}: {problems[0]}")
     names = {t.name for t in reader.tensors}
     present = field(reader, Keys.ATTENTION_PRESENT)
@@ -184,10 +186,10 @@ def validate_gguf(path: Path) -> list[str]:
     arch = field(reader, "general.architecture")
     if arch != ARCH:
         return [f"general.architecture is {arch!r}, expected {ARCH!r}"]
-    problems, n = _metadata_problems(reader)
-    if problems:
+    problems, n, usable = _metadata_problems(reader)
+    if not usable:
         return problems
-    cfg = hybrid_config_from_gguf(reader)
+    cfg = hybrid_config_from_gguf(reader, strict=False)
     tensors = {t.name: t for t in reader.tensors}
     expected: dict[str, tuple[int, ...]] = {tensor_name(T.TOKEN_EMBD): (cfg.vocab_size, cfg.n_embd),
                                             tensor_name(T.OUTPUT_NORM): (cfg.n_embd,)}

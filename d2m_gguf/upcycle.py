@@ -21,7 +21,7 @@ def hybrid_config(spec: DenseSpec, plan: FusionPlan) -> HybridConfig:
     """The architecture a plan produces from a dense model."""
     blocks = tuple(
         BlockConfig(attention=b.attention is not None,
-                    n_ff=spec.n_ff * (1 if b.moe else len(b.mlp)),
+                    n_ff=spec.n_ff // b.split if b.moe else spec.n_ff * len(b.mlp),
                     n_expert=b.n_expert, n_expert_used=b.top_k if b.moe else 0)
         for b in plan.blocks)
     return HybridConfig(
@@ -63,8 +63,8 @@ def _copy_attention(dst, src: _Source, i: int, spec: DenseSpec) -> None:
         dst.attn_k_norm.weight.copy_(src.layer(i, "self_attn.k_norm.weight"))
 
 
-def init_router(moe, plan: FusionPlan, generator: torch.Generator) -> None:
-    """`random`: logits ~ N(0, 1) on unit-RMS input; `host`: always the first expert (= pruning the rest).
+def init_router(moe, plan: FusionPlan, split: int, generator: torch.Generator) -> None:
+    """`random`: logits ~ N(0, 1) on unit-RMS input; `host`: always the first source's experts (= pruning the rest).
 
     `fit` routers are fitted on calibration activations by the healing stage (heal.py);
     until then they start as `random`.
@@ -73,7 +73,7 @@ def init_router(moe, plan: FusionPlan, generator: torch.Generator) -> None:
     bias.zero_()
     if plan.router_init == "host":
         weight.zero_()
-        bias[0] = 20.0
+        bias[:split] = 20.0
     else:
         weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
 
@@ -81,7 +81,7 @@ def init_router(moe, plan: FusionPlan, generator: torch.Generator) -> None:
 @torch.no_grad()
 def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) -> HybridModel:
     """Build the dense2moe model of `plan` from a dense checkpoint."""
-    validate_plan(plan, n_layer=spec.n_layer)
+    validate_plan(plan, n_layer=spec.n_layer, n_ff=spec.n_ff)
     model = HybridModel(hybrid_config(spec, plan))
     src = _Source(ckpt)
     generator = torch.Generator().manual_seed(seed)
@@ -105,11 +105,16 @@ def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) 
         block.ffn_norm.weight.fill_(1.0)
         mlps = [src.mlp(s) for s in b.mlp]
         if b.moe:
-            for e, (gate, up, down) in enumerate(mlps):
-                ffn.ffn_gate_exps[e].copy_(gate)
-                ffn.ffn_up_exps[e].copy_(up)
-                ffn.ffn_down_exps[e].copy_(down)
-            init_router(ffn, plan, generator)
+            # source m's neurons [c*w, (c+1)*w) become expert m*split + c; scaling its down projection by
+            # `split` makes the `split` experts of one MLP, equally weighted, sum back to that MLP
+            w = spec.n_ff // b.split
+            for m, (gate, up, down) in enumerate(mlps):
+                for c in range(b.split):
+                    e, rows = m * b.split + c, slice(c * w, (c + 1) * w)
+                    ffn.ffn_gate_exps[e].copy_(gate[rows])
+                    ffn.ffn_up_exps[e].copy_(up[rows])
+                    ffn.ffn_down_exps[e].copy_(down[:, rows] * b.split)
+            init_router(ffn, plan, b.split, generator)
         else:  # one wide dense FFN = the sum of the source MLPs
             ffn.ffn_gate.weight.copy_(torch.cat([m[0] for m in mlps], dim=0))
             ffn.ffn_up.weight.copy_(torch.cat([m[1] for m in mlps], dim=0))

@@ -55,3 +55,38 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def rewrite_gguf(src: Path, dst: Path, set_kv: dict | None = None, drop_tensors: tuple[str, ...] = (),
+                 add_tensors: dict[str, np.ndarray] | None = None, replace_tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of a GGUF with metadata changed and tensors dropped, added or replaced (to make broken files).
+
+    set_kv: key -> (value, GGUFValueType[, sub_type]); value None removes the key."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch)
+    set_kv = dict(set_kv or {})
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in set_kv:
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    for key, spec in set_kv.items():
+        if spec is not None and spec[0] is not None:
+            writer.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
+    replace_tensors = replace_tensors or {}
+    for t in reader.tensors:
+        if t.name in drop_tensors:
+            continue
+        if t.name in replace_tensors:
+            writer.add_tensor(t.name, replace_tensors[t.name])
+        else:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    for name, data in (add_tensors or {}).items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

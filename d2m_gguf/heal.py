@@ -1,0 +1,325 @@
+"""Healing: router fit, block-local distillation on cached teacher activations, end-to-end distillation.
+
+Every trained block j of a plan replaces a contiguous span of source layers
+[start_j, end_j). Its teacher is the dense model's residual stream: input at
+boundary start_j, target at boundary end_j. Those states are computed once per
+calibration chunk and kept in float16 memory maps (only the boundaries that some
+trained block needs), so memory stays bounded however many tokens are used.
+
+Routers learn which experts to pick from an oracle: for a token with FFN target
+r (what the replaced layers add to the stream), expert e's contribution c_e
+scores 2<c_e, r> - |c_e|^2, the error it removes on its own; the router is
+trained towards softmax(score / temperature). A top-k router thereby learns to
+select the experts that best reconstruct what the fused layers computed.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import D2MError
+from .model import Block, HybridModel, MoEFFN, load_balance, rope_cos_sin
+from .plan import FusionPlan
+
+
+# -- which source layers each block stands for ---------------------------------------------------
+
+def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
+    """[start, end) source-layer span of each block: from its lowest source to the next block's."""
+    starts = [0] + [min([*b.mlp, *([b.attention] if b.attention is not None else [])]) for b in plan.blocks[1:]]
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise D2MError("block-local healing needs blocks whose sources increase monotonically")
+    return list(zip(starts, starts[1:] + [plan.source_layers]))
+
+
+def trained_blocks(plan: FusionPlan) -> list[int]:
+    """Blocks that are not a copy of one source layer (those are exact and stay frozen)."""
+    spans = block_spans(plan)
+    return [j for j, (b, (s, e)) in enumerate(zip(plan.blocks, spans))
+            if not (b.attention == s and b.mlp == (s,) and not b.moe and e == s + 1)]
+
+
+# -- teacher activations -----------------------------------------------------------------------
+
+class TeacherCache:
+    """Residual stream of the dense teacher at chosen layer boundaries, float16 memmaps [N, T, D]."""
+
+    def __init__(self, teacher: HybridModel, chunks: torch.Tensor, boundaries: set[int], cache_dir: Path | None = None,
+                 batch: int = 8, progress: bool = True):
+        self._tmp = tempfile.TemporaryDirectory(prefix="d2m-teacher-", dir=cache_dir) 
+        root = Path(self._tmp.name)
+        n, t = chunks.shape
+        d = teacher.cfg.n_embd
+        self.boundaries = sorted(boundaries)
+        self.maps = {b: np.lib.format.open_memmap(root / f"b{b}.npy", mode="w+", dtype=np.float16, shape=(n, t, d))
+                     for b in self.boundaries}
+        last = max(self.boundaries)
+        cos, sin = rope_cos_sin(torch.arange(t), teacher.cfg.head_dim, teacher.cfg.rope_theta)
+        with torch.no_grad():
+            for i in tqdm(range(0, n, batch), desc="teacher activations", disable=not progress, leave=False):
+                x = teacher.token_embd(chunks[i:i + batch])
+                for layer in range(last + 1):
+                    if layer in self.maps:
+                        self.maps[layer][i:i + batch] = x.numpy().astype(np.float16)
+                    if layer < last:
+                        x = teacher.blocks[layer](x, cos, sin)
+        self.cos, self.sin = cos, sin
+
+    def get(self, boundary: int, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.maps[boundary][np.sort(idx)].astype(np.float32))
+
+    def close(self) -> None:
+        self.maps.clear()
+        self._tmp.cleanup()
+
+
+# -- routers -----------------------------------------------------------------------------------
+
+def expert_outputs(moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
+    """Every expert's output for tokens h [N, D] -> [N, E, D] (training only: computes all of them)."""
+    g = torch.einsum("nd,efd->nef", h, moe.ffn_gate_exps)
+    u = torch.einsum("nd,efd->nef", h, moe.ffn_up_exps)
+    return torch.einsum("nef,edf->ned", F.silu(g) * u, moe.ffn_down_exps)
+
+
+def oracle_router_target(outs: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """softmax over experts of the error each removes alone: 2<c_e, r> - |c_e|^2 with c_e = out_e / k."""
+    c = outs / k
+    score = 2 * torch.einsum("ned,nd->ne", c, target) - c.pow(2).sum(-1)
+    scale = score.std(dim=-1, keepdim=True).clamp_min(1e-6)
+    return torch.softmax(score / scale * 2.0, dim=-1)
+
+
+def moe_train_forward(moe: MoEFFN, h: torch.Tensor, target: torch.Tensor | None, oracle_tokens: int = 256):
+    """(output, router loss, load-balance loss) with the inference routing (top-k of softmax).
+
+    The output runs only the selected experts, as inference does. The router's oracle
+    target needs every expert's output, so it is computed (without gradient) on a random
+    subset of `oracle_tokens` tokens: the cost of a block stays about one MLP's worth."""
+    out = moe(h)
+    balance = moe.last_balance if moe.last_balance is not None else torch.zeros(())
+    router = torch.zeros(())
+    if target is not None:
+        rows = torch.randperm(h.shape[0])[:oracle_tokens]
+        with torch.no_grad():
+            q = oracle_router_target(expert_outputs(moe, h[rows]), target[rows], moe.n_expert_used)
+        logp = torch.log_softmax(moe.ffn_gate_inp(h[rows]), dim=-1)
+        router = (q * (torch.log(q.clamp_min(1e-9)) - logp)).sum(-1).mean()
+    return out, router, balance
+
+
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of |out - target|^2 / |target|^2: every token counts alike, whatever the norm of its
+    residual stream (the attention-sink tokens carry norms hundreds of times larger), which is what the
+    next RMSNorm sees."""
+    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
+def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin):
+    """(student output, router loss, balance loss) of one block on teacher input x."""
+    a = block.attn(x, cos, sin) if block.has_attention else None
+    hres = x if a is None else x + a
+    h = block.ffn_norm(hres)
+    if isinstance(block.ffn, MoEFFN):
+        shape = h.shape
+        out, router, balance = moe_train_forward(block.ffn, h.reshape(-1, shape[-1]),
+                                                 (x_out - hres).reshape(-1, shape[-1]).detach())
+        return hres + out.reshape(shape), router, balance
+    zero = torch.zeros(())
+    return hres + block.ffn(h), zero, zero
+
+
+# -- budgets and logs --------------------------------------------------------------------------
+
+@dataclass
+class Budget:
+    """How much healing: stop at whichever comes first (None = unlimited)."""
+
+    tokens: int | None = None
+    minutes: float | None = None
+    max_steps: int | None = None
+
+    def done(self, tokens: int, started: float, steps: int) -> bool:
+        return ((self.tokens is not None and tokens >= self.tokens)
+                or (self.minutes is not None and time.monotonic() - started >= self.minutes * 60)
+                or (self.max_steps is not None and steps >= self.max_steps))
+
+
+@dataclass
+class StageLog:
+    stage: str
+    rows: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+
+@dataclass
+class BlockLocalConfig:
+    lr: float = 3e-4
+    batch: int = 4                 # sequences per step
+    router_weight: float = 0.1
+    balance_weight: float = 0.01
+    weight_decay: float = 0.0
+    log_every: int = 10
+    seed: int = 0
+
+
+def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCache, budget: Budget,
+                        cfg: BlockLocalConfig = BlockLocalConfig(), progress: bool = True) -> StageLog:
+    """Train each fused block to map the teacher's input at its span start to the teacher's output at its end."""
+    spans = block_spans(plan)
+    blocks = trained_blocks(plan)
+    log = StageLog("block-local")
+    if not blocks:
+        return log
+    params = [p for j in blocks for p in model.blocks[j].parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n, t = next(iter(cache.maps.values())).shape[:2]
+    rng = np.random.default_rng(cfg.seed)
+    started, steps, tokens = time.monotonic(), 0, 0
+    total = budget.tokens or (budget.max_steps or 0) * cfg.batch * t or None
+    bar = tqdm(total=total, unit="tok", desc="block-local distillation", disable=not progress, leave=False)
+    model.train()
+    while not budget.done(tokens, started, steps):
+        idx = rng.choice(n, size=min(cfg.batch, n), replace=False)
+        loss_sum, parts = 0.0, {}
+        opt.zero_grad(set_to_none=True)
+        for j in blocks:
+            s, e = spans[j]
+            x, y = cache.get(s, idx), cache.get(e, idx)
+            out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin)
+            rel = relative_error(out, y)
+            loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
+            loss.backward()
+            loss_sum += loss.item()
+            parts[f"rel_mse_{j}"] = rel.item()
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, _progress(budget, tokens, started, steps, cfg, t))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        steps += 1
+        tokens += len(idx) * t
+        bar.update(len(idx) * t)
+        if steps % cfg.log_every == 1 or budget.done(tokens, started, steps):
+            log.add(step=steps, tokens=tokens, seconds=round(time.monotonic() - started, 2), lr=lr,
+                    loss=loss_sum / len(blocks), **parts)
+    bar.close()
+    model.eval()
+    log.seconds, log.tokens = time.monotonic() - started, tokens
+    return log
+
+
+def _progress(budget: Budget, tokens: int, started: float, steps: int, cfg, t: int) -> float:
+    """Fraction of the budget spent (for the cosine schedule)."""
+    fractions = []
+    if budget.tokens:
+        fractions.append(tokens / budget.tokens)
+    if budget.minutes:
+        fractions.append((time.monotonic() - started) / (budget.minutes * 60))
+    if budget.max_steps:
+        fractions.append(steps / budget.max_steps)
+    return max(fractions) if fractions else 0.0
+
+
+# -- end-to-end distillation ------------------------------------------------------------------------
+
+@dataclass
+class E2EConfig:
+    lr: float = 1e-4
+    batch: int = 4                  # sequences per step (per process)
+    kd_weight: float = 1.0          # KL(teacher || student) on the logits
+    lm_weight: float = 0.1          # next-token cross-entropy on the calibration text
+    balance_weight: float = 0.01
+    freeze_embeddings: bool = True  # the (often tied) embeddings stay as the teacher's
+    log_every: int = 5
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def _moe_balance(model: HybridModel) -> torch.Tensor:
+    terms = [m.last_balance for m in model.modules() if isinstance(m, MoEFFN) and m.last_balance is not None]
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor, budget: Budget,
+                cfg: E2EConfig = E2EConfig(), checkpoint: Path | None = None, progress: bool = True) -> StageLog:
+    """Knowledge distillation of the whole student on the teacher's logits (plus LM loss).
+
+    Runs under torchrun too: with torch.distributed initialised, the student is wrapped
+    in DistributedDataParallel and every rank draws its own batches. `checkpoint` (a
+    file) is written every `checkpoint_every` steps and resumed from when it exists.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if cfg.freeze_embeddings:
+        student.token_embd.weight.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    step, tokens, elapsed = 0, 0, 0.0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
+    net = torch.nn.parallel.DistributedDataParallel(student) if distributed else student
+    log = StageLog("end-to-end")
+    rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
+    started = time.monotonic() - elapsed
+    n, t = chunks.shape
+    teacher.eval()
+    student.train()
+    bar = tqdm(total=budget.tokens, unit="tok", desc="end-to-end distillation", disable=not progress or rank != 0,
+               leave=False, initial=tokens)
+    while not budget.done(tokens, started, step):
+        x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)]
+        with torch.no_grad():
+            t_logp = torch.log_softmax(teacher(x)[:, :-1].float(), dim=-1)
+        s_logp = torch.log_softmax(net(x)[:, :-1].float(), dim=-1)
+        kd = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
+        lm = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), x[:, 1:].reshape(-1))
+        balance = _moe_balance(student)
+        loss = cfg.kd_weight * kd + cfg.lm_weight * lm + cfg.balance_weight * balance
+        frac = _progress(budget, tokens, started, step, cfg, t)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        tokens += len(x) * t * (dist.get_world_size() if distributed else 1)
+        bar.update(len(x) * t)
+        if step % cfg.log_every == 1:
+            log.add(step=step, tokens=tokens, seconds=round(time.monotonic() - started, 2), kd=kd.item(),
+                    lm=lm.item(), balance=float(balance), loss=loss.item())
+        if checkpoint is not None and rank == 0 and step % cfg.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
+    bar.close()
+    student.eval()
+    if cfg.freeze_embeddings:
+        student.token_embd.weight.requires_grad_(True)
+    if checkpoint is not None and rank == 0:
+        _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
+    log.seconds, log.tokens = time.monotonic() - started, tokens
+    return log
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, tokens: int, seconds: float) -> None:
+    from .atomic import atomic_path
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
+                    "seconds": seconds}, tmp)

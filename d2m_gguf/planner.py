@@ -1,0 +1,193 @@
+"""Automatic fusion plans: which layers to fuse (or prune) for a speed target, under the cost model.
+
+Methods (equal `fuse` = equal active weight bytes):
+- `lfuc`: remove the `fuse` most redundant layers (lowest block influence, never the
+  first or last); each removed layer loses its attention and its MLP becomes experts
+  of the MoE in the nearest kept layer before it. Each source MLP is cut into
+  `split` experts and `top_k = split` of them run per token, so a block reads one
+  MLP's worth of expert weights, chosen per token from all the MLPs of its group.
+- `prune`: remove the same layers outright (ShortGPT-style layer pruning).
+- `attn-prune`: remove the attention of the `fuse` layers with the least attention influence.
+- `upcycle`: plain sparse upcycling: every middle MLP cut into `split` experts, top-k
+  lowered in the middle layers until `fuse` MLPs' worth of expert bytes are saved.
+
+Targets: `fuse` directly, or the smallest `fuse` meeting `target_speedup` or
+`max_bytes_per_token` at context depth `depth` on `device` (roofline prediction).
+With `depth_aware`, `lfuc` may also drop attention alone where that costs less
+quality per byte saved (at long contexts a layer's KV cache outweighs its MLP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .analysis import LayerScores
+from .costmodel import Device, WeightTypes, planned_cost
+from .errors import D2MError
+from .plan import BlockPlan, FusionPlan, validate_plan
+from .spec import DenseSpec
+from .upcycle import hybrid_config
+
+METHODS = ("lfuc", "prune", "attn-prune", "upcycle")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    method: str = "lfuc"
+    fuse: int | None = None
+    target_speedup: float | None = None
+    max_bytes_per_token: float | None = None
+    depth: int = 512
+    split: int = 6
+    top_k: int | None = None          # default: split (one MLP's worth of experts per token)
+    depth_aware: bool = False
+    router_init: str = "fit"
+    weight_types: WeightTypes = WeightTypes()
+
+
+def _removable(scores: LayerScores, key: str) -> list[int]:
+    """Middle layers, most redundant first."""
+    values = getattr(scores, key)
+    return sorted(range(1, scores.n_layer - 1), key=lambda i: values[i])
+
+
+def fused_layers(scores: LayerScores, n: int) -> list[int]:
+    return sorted(_removable(scores, "influence")[:n])
+
+
+def plan_lfuc(n_layer: int, removed: list[int], attn_only: list[int], split: int, top_k: int,
+              router_init: str) -> FusionPlan:
+    removed_set = set(removed)
+    blocks = []
+    for i in range(n_layer):
+        if i in removed_set:
+            continue
+        group = [i]
+        j = i + 1
+        while j in removed_set:
+            group.append(j)
+            j += 1
+        attention = None if i in attn_only else i
+        if len(group) == 1:
+            blocks.append(BlockPlan(attention, (i,), False))
+        else:
+            blocks.append(BlockPlan(attention, tuple(group), True, min(top_k, split * len(group)), split))
+    return FusionPlan(tuple(blocks), n_layer, normalize_topk=True, router_init=router_init, method="lfuc",
+                      notes={"fused_layers": removed, "attention_removed": attn_only})
+
+
+def plan_prune(n_layer: int, removed: list[int]) -> FusionPlan:
+    blocks = tuple(BlockPlan(i, (i,), False) for i in range(n_layer) if i not in set(removed))
+    return FusionPlan(blocks, n_layer, method="prune", router_init="host", notes={"removed_layers": removed})
+
+
+def plan_attn_prune(n_layer: int, removed: list[int]) -> FusionPlan:
+    blocks = tuple(BlockPlan(None if i in set(removed) else i, (i,), False) for i in range(n_layer))
+    return FusionPlan(blocks, n_layer, method="attn-prune", router_init="host", notes={"attention_removed": removed})
+
+
+def plan_upcycle(n_layer: int, n_saved: int, split: int, router_init: str) -> FusionPlan:
+    middle = list(range(1, n_layer - 1))
+    slots = n_saved * split                          # expert slots to deactivate in total
+    per_layer, extra = divmod(slots, len(middle))
+    if per_layer + (extra > 0) >= split:
+        raise D2MError(f"upcycle cannot save {n_saved} MLPs with split {split} over {len(middle)} layers")
+    blocks = []
+    for i in range(n_layer):
+        if i in middle:
+            k = split - per_layer - (1 if middle.index(i) < extra else 0)
+            blocks.append(BlockPlan(i, (i,), True, k, split))
+        else:
+            blocks.append(BlockPlan(i, (i,), False))
+    return FusionPlan(tuple(blocks), n_layer, router_init=router_init, method="upcycle", notes={"mlps_saved": n_saved})
+
+
+def build_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, n: int) -> FusionPlan:
+    """The plan of `req.method` removing `n` layers (or attentions / MLPs' worth of experts)."""
+    top_k = req.top_k or req.split
+    if req.method == "lfuc":
+        removed = fused_layers(scores, n)
+        attn_only: list[int] = []
+        if req.depth_aware:
+            removed, attn_only = _depth_aware_choice(spec, scores, req, n)
+        plan = plan_lfuc(spec.n_layer, removed, attn_only, req.split, top_k, req.router_init)
+    elif req.method == "prune":
+        plan = plan_prune(spec.n_layer, fused_layers(scores, n))
+    elif req.method == "attn-prune":
+        plan = plan_attn_prune(spec.n_layer, sorted(_removable(scores, "attention_influence")[:n]))
+    elif req.method == "upcycle":
+        plan = plan_upcycle(spec.n_layer, n, req.split, req.router_init)
+    else:
+        raise D2MError(f"unknown method {req.method!r} (one of {', '.join(METHODS)})")
+    validate_plan(plan, n_layer=spec.n_layer, n_ff=spec.n_ff)
+    return plan
+
+
+def _depth_aware_choice(spec: DenseSpec, scores: LayerScores, req: PlanRequest, n: int) -> tuple[list[int], list[int]]:
+    """Greedy by quality cost per byte saved: fuse a layer (attention + MLP) or drop an attention alone,
+    until the bytes of `n` fused layers are saved."""
+    dense = planned_cost(hybrid_config(spec, plan_prune(spec.n_layer, [])), req.weight_types, req.depth)
+    layer_bytes = dense.per_layer
+    mlp_bytes = 3 * spec.n_embd * spec.n_ff * _bpw(req.weight_types.ffn)
+    target = sum(sorted(layer_bytes[i] for i in fused_layers(scores, n))) if n else 0.0
+    fuse: set[int] = set()
+    attn: set[int] = set()
+    saved = 0.0
+    while saved < target * 0.999:
+        options = []
+        for i in range(1, spec.n_layer - 1):
+            if i in fuse:
+                continue
+            attn_bytes = layer_bytes[i] - mlp_bytes - 2 * spec.n_embd * 4
+            if i not in attn:
+                options.append((scores.attention_influence[i] / attn_bytes, "attn", i, attn_bytes))
+            gain = mlp_bytes if i in attn else layer_bytes[i]
+            cost = scores.influence[i] - (scores.attention_influence[i] if i in attn else 0.0)
+            options.append((max(cost, 1e-9) / gain, "fuse", i, gain))
+        _, kind, i, gain = min(options)
+        if kind == "fuse":
+            fuse.add(i)
+            attn.discard(i)
+        else:
+            attn.add(i)
+        saved += gain
+    return sorted(fuse), sorted(attn)
+
+
+def _bpw(qtype: str) -> float:
+    from .costmodel import bytes_per_weight
+    return bytes_per_weight(qtype)
+
+
+@dataclass
+class PlanChoice:
+    plan: FusionPlan
+    fuse: int
+    dense_bytes: float
+    plan_bytes: float
+    predicted_speedup: float
+
+
+def choose_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, device: Device) -> PlanChoice:
+    """The plan for `req`: `fuse` given, or the smallest one meeting the speed/bytes target."""
+    dense_cfg = hybrid_config(spec, plan_prune(spec.n_layer, []))
+    dense = planned_cost(dense_cfg, req.weight_types, req.depth)
+
+    def evaluate(n: int) -> PlanChoice:
+        plan = build_plan(spec, scores, req, n)
+        cost = planned_cost(hybrid_config(spec, plan), req.weight_types, req.depth)
+        return PlanChoice(plan, n, dense.total_bytes, cost.total_bytes,
+                          cost.tokens_per_s(device) / dense.tokens_per_s(device))
+
+    if req.fuse is not None:
+        if not 0 <= req.fuse <= spec.n_layer - 2:
+            raise D2MError(f"--fuse {req.fuse}: must be between 0 and {spec.n_layer - 2} for a {spec.n_layer}-layer model")
+        return evaluate(req.fuse)
+    if req.target_speedup is None and req.max_bytes_per_token is None:
+        raise D2MError("give --fuse N, --target-speedup X or --max-bytes-per-token B")
+    for n in range(0, spec.n_layer - 1):
+        choice = evaluate(n)
+        if ((req.target_speedup is None or choice.predicted_speedup >= req.target_speedup)
+                and (req.max_bytes_per_token is None or choice.plan_bytes <= req.max_bytes_per_token)):
+            return choice
+    raise D2MError("no plan of this model meets the target; lower --target-speedup or raise --max-bytes-per-token")

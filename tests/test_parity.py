@@ -1,0 +1,125 @@
+"""The dense2moe contract end to end: our GGUF in the patched llama.cpp gives the PyTorch reference's logits.
+
+f32: NMSE <= 1e-6 and 100% top-1 agreement; q8_0: NMSE <= 1e-3 and >= 98% top-1
+agreement; on 256 positions, in batch prefill and token-by-token decode. The
+reference runs the weights of the file under test (read back with
+reader.load_hybrid: for f32 the upcycled model itself, for q8_0 its dequantized
+weights), so what is compared is the two implementations, llama.cpp's int8
+activations included. The KV cache llama.cpp allocates holds only the attention layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from d2m_gguf.checkpoint import Checkpoint
+from d2m_gguf.ggufout import OutType
+from d2m_gguf.hybrid_export import export_hybrid
+from d2m_gguf.llamacpp import parse_kv_cache
+from d2m_gguf.plan import identity_plan, load_plan
+from d2m_gguf.reader import load_hybrid
+from d2m_gguf.spec import load_dense_spec
+from d2m_gguf.upcycle import upcycle
+
+from .conftest import REPO
+from .helpers import nmse, top1_agreement
+
+N_POSITIONS = 256
+LIMITS = {"f32": (1e-6, 1.0), "q8_0": (1e-3, 0.98)}
+
+
+def hybrid(hf_dir, plan_path, out, outtype):
+    spec = load_dense_spec(hf_dir)
+    plan = load_plan(plan_path, spec.n_layer)
+    model = upcycle(spec, Checkpoint(hf_dir), plan)
+    export_hybrid(model, plan, spec, hf_dir, out, OutType(outtype), progress=False)
+    return spec, plan, model
+
+
+def text_tokens(hf_dir, text_file, n):
+    from d2m_gguf.data import Tokenizer
+    ids = Tokenizer(hf_dir).encode(text_file.read_text(encoding="utf-8")[:20000])
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def check(llama, gguf_path, tokens, outtype):
+    model = load_hybrid(gguf_path)
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens]))[0].numpy()
+    max_nmse, min_top1 = LIMITS[outtype]
+    logs = {}
+    for mode in ("batch", "decode"):
+        got, log = llama.logits(gguf_path, tokens, mode=mode)
+        assert got.shape == ref.shape
+        e, a = nmse(got, ref), top1_agreement(got, ref)
+        assert e <= max_nmse, f"{mode}: NMSE {e:.3g} > {max_nmse}"
+        assert a >= min_top1, f"{mode}: top-1 agreement {a:.3f} < {min_top1}"
+        logs[mode] = log
+    return logs
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_tiny_family_parity(tiny_dirs, llama, tmp_path, family, outtype):
+    out = tmp_path / f"{family}.gguf"
+    spec, plan, model = hybrid(tiny_dirs[family], REPO / "examples/plans/tiny-all-kinds.json", out, outtype)
+    tokens = torch.randint(0, spec.vocab_size, (N_POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
+    if outtype == "f32":
+        assert all(torch.equal(load_hybrid(out).state_dict()[k], v) for k, v in model.state_dict().items())
+    logs = check(llama, out, tokens, outtype)
+    kv = parse_kv_cache(logs["batch"])
+    assert kv.layers == sum(b.attention is not None for b in plan.blocks) == 2
+
+
+@pytest.fixture(scope="module")
+def smollm2_hybrids(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-hybrid")
+    plan_path = REPO / "examples/plans/smollm2-all-kinds.json"
+    out = {}
+    for outtype in ("f32", "q8_0"):
+        spec, plan, model = hybrid(smollm2_dir, plan_path, root / f"smollm2-{outtype}.gguf", outtype)
+        out[outtype] = root / f"smollm2-{outtype}.gguf"
+    return spec, plan, model, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_smollm2_parity(smollm2_hybrids, smollm2_dir, llama, calibration_text, outtype):
+    spec, plan, model, files = smollm2_hybrids
+    tokens = text_tokens(smollm2_dir, calibration_text, N_POSITIONS)
+    check(llama, files[outtype], tokens, outtype)
+
+
+@pytest.mark.slow
+def test_kv_cache_scales_with_attention_layers(smollm2_hybrids, smollm2_dir, llama, tmp_path):
+    """llama.cpp's printed KV size: attention layers only (24 of 26 blocks here, 30 in the dense model)."""
+    spec, plan, _, files = smollm2_hybrids
+    dense = tmp_path / "dense.gguf"
+    export_hybrid(upcycle(spec, Checkpoint(smollm2_dir), identity_plan(30)), identity_plan(30), spec, smollm2_dir,
+                  dense, OutType.Q8_0, progress=False)
+    tokens = list(range(100, 164))
+    _, log_hybrid = llama.logits(files["q8_0"], tokens, ctx=512)
+    _, log_dense = llama.logits(dense, tokens, ctx=512)
+    kv_h, kv_d = parse_kv_cache(log_hybrid), parse_kv_cache(log_dense)
+    n_attn = sum(b.attention is not None for b in plan.blocks)
+    assert (kv_h.layers, kv_d.layers) == (n_attn, 30) == (24, 30)
+    assert kv_h.cells == kv_d.cells
+    assert kv_h.mib / kv_d.mib == pytest.approx(n_attn / 30, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_agrees_with_reference(smollm2_hybrids, smollm2_dir, llama, wikitext, tmp_path):
+    """llama-perplexity and the reference (the same llama-perplexity procedure in PyTorch) agree within 0.5%."""
+    from d2m_gguf.data import Tokenizer, perplexity, token_chunks
+
+    spec, plan, model, files = smollm2_hybrids
+    chunk = tmp_path / "wiki.txt"
+    chunk.write_text(wikitext.read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    ctx, n_chunks = 256, 4
+    ppl_cpp, _ = llama.perplexity(files["f32"], chunk, ctx=ctx, chunks=n_chunks)
+    tok = Tokenizer(smollm2_dir)
+    ppl_ref = perplexity(model, token_chunks(tok.encode(chunk.read_text(encoding="utf-8")), ctx, n_chunks, tok.bos))
+    assert ppl_cpp == pytest.approx(ppl_ref, rel=0.005)
