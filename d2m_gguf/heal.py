@@ -212,7 +212,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
         steps += 1
         tokens += len(idx) * t
         bar.update(len(idx) * t)
-        if steps % cfg.log_every == 1 or budget.done(tokens, started, steps):
+        if steps == 1 or steps % cfg.log_every == 0 or budget.done(tokens, started, steps):
             log.add(step=steps, tokens=tokens, seconds=round(time.monotonic() - started, 2), lr=lr,
                     loss=loss_sum / len(blocks), **parts)
     bar.close()
@@ -303,9 +303,9 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         step += 1
         tokens += len(x) * t * (dist.get_world_size() if distributed else 1)
         bar.update(len(x) * t)
-        if step % cfg.log_every == 1:
+        if step == 1 or step % cfg.log_every == 0:
             log.add(step=step, tokens=tokens, seconds=round(time.monotonic() - started, 2), kd=kd.item(),
-                    lm=lm.item(), balance=float(balance), loss=loss.item())
+                    lm=lm.item(), balance=balance.item(), loss=loss.item())
         if checkpoint is not None and rank == 0 and step % cfg.checkpoint_every == 0:
             _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
     bar.close()

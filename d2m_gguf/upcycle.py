@@ -64,16 +64,14 @@ def _copy_attention(dst, src: _Source, i: int, spec: DenseSpec) -> None:
 
 
 def init_router(moe, plan: FusionPlan, split: int, generator: torch.Generator) -> None:
-    """`random`: logits ~ N(0, 1) on unit-RMS input; `host`: always the first source's experts (= pruning the rest).
-
-    `fit` routers are fitted on calibration activations by the healing stage (heal.py);
-    until then they start as `random`.
-    """
+    """`random`: logits ~ N(0, 1) on unit-RMS input. `host`: always the first source's experts, so the
+    block computes exactly what pruning the other sources computes. `fit` starts as `host` (an unhealed
+    LF-UC model is the pruned model, never worse) and is fitted by the healing stage (heal.py)."""
     weight, bias = moe.ffn_gate_inp.weight, moe.ffn_gate_inp.bias
     bias.zero_()
-    if plan.router_init == "host":
+    if plan.router_init in ("host", "fit"):
         weight.zero_()
-        bias[:split] = 20.0
+        bias[:split] = 1.0  # any margin selects the host; a small one leaves the router free to learn
     else:
         weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
 

@@ -1,0 +1,172 @@
+"""LF-UC mechanics: analysis, cost model and planner, healing, the default convert pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from d2m_gguf.analysis import LayerScores, analyze
+from d2m_gguf.checkpoint import Checkpoint
+from d2m_gguf.costmodel import WeightTypes, gguf_cost, load_devices, planned_cost
+from d2m_gguf.data import Tokenizer, perplexity, read_text, token_chunks
+from d2m_gguf.heal import (BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, block_spans,
+                           distill_e2e, trained_blocks)
+from d2m_gguf.plan import identity_plan, parse_plan
+from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
+from d2m_gguf.reader import validate_gguf
+from d2m_gguf.spec import load_dense_spec
+from d2m_gguf.upcycle import hybrid_config, upcycle
+
+from .conftest import run_cli
+
+
+def chunks_of(hf_dir, text, ctx=64, n=16):
+    tok = Tokenizer(hf_dir)
+    return token_chunks(tok.encode(read_text(text)), ctx, n, tok.bos)
+
+
+@pytest.fixture(scope="module")
+def smollm2_scores(smollm2_dir, calibration_text):
+    spec = load_dense_spec(smollm2_dir)
+    teacher = upcycle(spec, Checkpoint(smollm2_dir), identity_plan(spec.n_layer))
+    return spec, analyze(teacher, chunks_of(smollm2_dir, calibration_text, 128, 8), progress=False)
+
+
+def test_analyze_cli_writes_scores_and_plot(tiny_dirs, calibration_text, tmp_path):
+    out = tmp_path / "scores.json"
+    proc = run_cli("-m", "d2m_gguf", "analyze", tiny_dirs["qwen2"], "--text", calibration_text, "--chunks", "4",
+                   "--ctx", "64", "-o", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    scores = LayerScores.load(out)
+    assert scores.n_layer == 6 and len(scores.mlp_neighbor_cos) == 5 and scores.n_tokens == 256
+    for values in (scores.influence, scores.attention_influence, scores.mlp_influence):
+        assert all(0.0 <= v <= 2.0 for v in values)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smollm2_redundant_layers_are_the_known_ones(smollm2_scores):
+    """The 8 least influential layers of SmolLM2 are a run in the middle plus 25-26 (as measured before any code)."""
+    spec, scores = smollm2_scores
+    order = sorted(range(1, 29), key=lambda i: scores.influence[i])
+    assert set(order[:8]) == {12, 13, 14, 15, 16, 17, 25, 26}
+
+
+def test_cost_model_matches_the_byte_budget(smollm2_dir):
+    """SmolLM2 at Q4_0 with a Q6_K head reads 83 MB per token at depth 0, 95 MB at 512, 177 MB at 4096."""
+    cfg = hybrid_config(load_dense_spec(smollm2_dir), identity_plan(30))
+    for depth, mb in ((0, 83.1), (512, 94.9), (4096, 177.5)):
+        assert planned_cost(cfg, WeightTypes(), depth).total_bytes / 1e6 == pytest.approx(mb, abs=0.1)
+    devices = load_devices()
+    assert {"phone-i8mm", "phone-dotprod", "rpi5"} <= set(devices)
+    assert all(d.source and d.dram_gbs > 0 for d in devices.values())
+
+
+def test_planner_methods_and_equal_bytes(smollm2_scores):
+    spec, scores = smollm2_scores
+    lfuc = build_plan(spec, scores, PlanRequest(method="lfuc"), 8)
+    prune = build_plan(spec, scores, PlanRequest(method="prune"), 8)
+    assert lfuc.dropped_layers() == [] and sorted(set(range(30)) - {b.attention for b in prune.blocks}) == \
+        [12, 13, 14, 15, 16, 17, 25, 26]
+    assert [b.attention for b in lfuc.blocks] == [b.attention for b in prune.blocks]
+    host = next(b for b in lfuc.blocks if b.attention == 11)
+    assert host.mlp == (11, 12, 13, 14, 15, 16, 17) and host.top_k == host.split == 6
+    bytes_of = lambda p: planned_cost(hybrid_config(spec, p), WeightTypes(), 512).total_bytes
+    router_bytes = sum(576 * b.n_expert * 4 for b in lfuc.blocks if b.moe)
+    assert bytes_of(lfuc) == pytest.approx(bytes_of(prune) + router_bytes)   # equal N = equal active bytes
+    attn = build_plan(spec, scores, PlanRequest(method="attn-prune"), 8)
+    assert sum(b.attention is None for b in attn.blocks) == 8 and len(attn.blocks) == 30
+    up = build_plan(spec, scores, PlanRequest(method="upcycle"), 8)
+    assert sum(b.top_k for b in up.blocks if b.moe) == 28 * 6 - 8 * 6
+
+
+def test_planner_targets(smollm2_scores):
+    spec, scores = smollm2_scores
+    device = load_devices()["phone-i8mm"]
+    choice = choose_plan(spec, scores, PlanRequest(target_speedup=1.2), device)
+    smaller = choose_plan(spec, scores, PlanRequest(fuse=choice.fuse - 1), device)
+    assert choice.predicted_speedup >= 1.2 > smaller.predicted_speedup
+    choice = choose_plan(spec, scores, PlanRequest(max_bytes_per_token=80e6), device)
+    assert choice.plan_bytes <= 80e6
+    # at a long context the KV cache dominates: the depth-aware planner drops attentions alone
+    deep = choose_plan(spec, scores, PlanRequest(fuse=8, depth=8192, depth_aware=True), device)
+    assert sum(b.attention is None for b in deep.plan.blocks) > 0
+
+
+def test_block_local_healing_lowers_the_loss(tiny_dirs, calibration_text):
+    hf = tiny_dirs["llama"]
+    spec = load_dense_spec(hf)
+    plan = parse_plan({"source_layers": 6, "router_init": "fit", "blocks": [
+        {"attention": 0, "mlp": [0]}, {"attention": 1, "mlp": [1, 2], "top_k": 4, "split": 4},
+        {"attention": 3, "mlp": [3]}, {"attention": 4, "mlp": [4, 5], "top_k": 2, "split": 2}]})
+    assert block_spans(plan) == [(0, 1), (1, 3), (3, 4), (4, 6)] and trained_blocks(plan) == [1, 3]
+    teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
+    model = upcycle(spec, Checkpoint(hf), plan)
+    cache = TeacherCache(teacher, chunks_of(hf, calibration_text), {1, 3, 4, 6}, progress=False)
+    try:
+        log = block_local_distill(model, plan, cache, Budget(max_steps=40), BlockLocalConfig(lr=1e-3, log_every=5),
+                                  progress=False)
+    finally:
+        cache.close()
+    first, last = log.rows[0], log.rows[-1]
+    for j in (1, 3):
+        assert last[f"rel_mse_{j}"] < 0.9 * first[f"rel_mse_{j}"]
+
+
+def test_end_to_end_distillation_lowers_kl_and_resumes(tiny_dirs, calibration_text, tmp_path):
+    hf = tiny_dirs["qwen3"]
+    spec = load_dense_spec(hf)
+    plan = parse_plan({"source_layers": 6, "router_init": "random", "blocks": [
+        {"attention": None, "mlp": [0, 1], "top_k": 1}, {"attention": 2, "mlp": [2, 3], "top_k": 2, "split": 2},
+        {"attention": 4, "mlp": [4]}, {"attention": 5, "mlp": [5]}]})
+    teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
+    model = upcycle(spec, Checkpoint(hf), plan)
+    chunks = chunks_of(hf, calibration_text, 64, 16)
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = E2EConfig(lr=1e-3, log_every=1, checkpoint_every=5, lm_weight=0.0)
+    log1 = distill_e2e(model, teacher, chunks, Budget(max_steps=10), cfg, checkpoint=ckpt, progress=False)
+    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    resumed = upcycle(spec, Checkpoint(hf), plan)
+    log2 = distill_e2e(resumed, teacher, chunks, Budget(max_steps=20), cfg, checkpoint=ckpt, progress=False)
+    assert log2.rows[0]["step"] == 11 and log2.tokens == 20 * 4 * 64
+    kl = [r["kd"] for r in log1.rows + log2.rows]
+    assert np.mean(kl[-5:]) < 0.8 * np.mean(kl[:3])
+
+
+def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, llama, tmp_path):
+    out = tmp_path / "tiny-lfuc.gguf"
+    proc = run_cli("convert.py", tiny_dirs["qwen2"], out, "--fuse", "2", "--split", "2", "--heal-minutes", "0.3",
+                   "--text", calibration_text, "--ctx", "64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert validate_gguf(out) == []
+    work = tmp_path / "tiny-lfuc.gguf.d2m"
+    for name in ("scores.json", "scores.png", "plan.json", "heal.csv", "heal.png", "heal.json", "summary.json"):
+        assert (work / name).is_file(), name
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["plan"]["blocks"] == 4 and summary["predicted"]["speedup"] > 1
+    healing = json.loads((work / "heal.json").read_text())
+    assert [s["stage"] for s in healing["stages"]] == ["block-local", "end-to-end"]
+    assert healing["expert_usage"]
+    text, log = llama.complete(out, "Hello", n=4)
+    assert text.strip()
+
+
+@pytest.mark.slow
+def test_healing_improves_smollm2(smollm2_dir, calibration_text, wikitext, tmp_path):
+    """A short healing run makes the LF-UC model better than it was unhealed (which is the pruned model)."""
+    from d2m_gguf.pipeline import HealSettings, heal
+
+    spec = load_dense_spec(smollm2_dir)
+    teacher = upcycle(spec, Checkpoint(smollm2_dir), identity_plan(30))
+    scores = analyze(teacher, chunks_of(smollm2_dir, calibration_text, 128, 8), progress=False)
+    plan = build_plan(spec, scores, PlanRequest(method="lfuc"), 4)
+    model = upcycle(spec, Checkpoint(smollm2_dir), plan)
+    tok = Tokenizer(smollm2_dir)
+    evaluation = token_chunks(tok.encode(wikitext.read_text(encoding="utf-8")[:40000]), 256, 6, tok.bos)
+    before = perplexity(model, evaluation)
+    settings = HealSettings(minutes=2.0, max_chunks=96)
+    heal(model, teacher, plan, chunks_of(smollm2_dir, calibration_text, 256, 96), settings, tmp_path, progress=False)
+    after = perplexity(model, evaluation)
+    assert after < 0.95 * before, (before, after)
