@@ -60,11 +60,14 @@ help:
 	@echo "make arm64     static aarch64 build of the patched tools in $(ARM64_BIN) ($(ARM64_ARCH))"
 
 # ---- Python environment --------------------------------------------------------------------
+# gguf-py comes from the pinned llama.cpp itself (PyPI's gguf 0.19.0 is an older snapshot of it), so
+# our writer and llama.cpp's converter share one gguf-py and one pin.
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.pin-$(LLAMA_VER)
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall ./$(LLAMA_SRC)/gguf-py
 	touch $@
 
 # ---- system packages (compilers, ninja, qemu), only when missing ---------------------------

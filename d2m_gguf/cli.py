@@ -299,6 +299,42 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
                f"{choice.plan_bytes / 1e6:.1f} MB/token, speedup x{choice.predicted_speedup:.2f}")
 
 
+@main.group("bench")
+def bench() -> None:
+    """Benchmarks with the patched llama.cpp (quality with llama-perplexity, speed with llama-bench)."""
+
+
+@bench.command("lfuc")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.option("--sizes", default="4,6,8", show_default=True, help="Fused groups / removed layers per variant.")
+@click.option("--methods", default="lfuc,prune", show_default=True, help="Methods to compare (plus dense).")
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True)
+@with_options(heal_options)
+@click.option("--ctx", type=int, default=512, show_default=True, help="llama-perplexity context.")
+@click.option("--chunks", type=int, default=None, help="WikiText chunks (default: the whole test set).")
+@click.option("--depth", type=int, default=0, show_default=True, help="Context depth of the decode timing.")
+@click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
+@user_errors
+def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, ctx, chunks,
+               depth, scores, results, quiet, verbose) -> None:
+    """LF-UC against equally healed pruning baselines at each size, and the dense model: ppl and decode speed."""
+    from .bench import LfucTableRequest, lfuc_table
+    from .ggufout import OutType
+    from .pipeline import HealSettings
+
+    heal = HealSettings(minutes=0 if no_heal else heal_minutes, tokens=None if no_heal else heal_tokens,
+                        block_local_fraction=block_local_fraction)
+    out = lfuc_table(LfucTableRequest(hf_dir=hf_dir, sizes=tuple(int(s) for s in sizes.split(",")),
+                                      methods=tuple(methods.split(",")), outtype=OutType(outtype), heal=heal,
+                                      ctx=ctx, chunks=chunks, depth=depth, scores=scores, results=results,
+                                      progress=not quiet))
+    click.echo((out / "lfuc.md").read_text())
+    click.echo(f"results in {out}")
+
+
 def convert_main() -> None:
     """`python convert.py HF_DIR OUT.gguf ...`: the same as `d2m convert`."""
     convert(prog_name="convert.py")

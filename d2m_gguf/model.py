@@ -60,6 +60,31 @@ class HybridConfig:
         return replace(self, blocks=tuple(blocks))
 
 
+def round_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """The input llama.cpp's CPU kernels multiply by a weight of a given GGML type: Q8_0 weights meet
+    activations quantized to int8 in blocks of 32 (ggml's quantize_row_q8_0), F16/BF16 weights meet
+    activations rounded to that type. `None`: exact float32 (F32 weights, and training)."""
+    if kind is None:
+        return x
+    if kind in ("f16", "bf16"):
+        return x.to(torch.float16 if kind == "f16" else torch.bfloat16).to(x.dtype)
+    if kind == "q8_0":
+        blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        q = torch.round(blocks * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
+        return (q * d.to(torch.float16).to(x.dtype)).reshape(x.shape)
+    raise ValueError(f"no activation rounding for {kind!r}")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose input can be rounded as llama.cpp rounds it for the weight's type (`act`)."""
+
+    act: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(round_activations(x, self.act))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -90,10 +115,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         d, hd = cfg.n_embd, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_eps)
-        self.attn_q = nn.Linear(d, cfg.n_head * hd, bias=cfg.qkv_bias)
-        self.attn_k = nn.Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
-        self.attn_v = nn.Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
-        self.attn_output = nn.Linear(cfg.n_head * hd, d, bias=cfg.o_bias)
+        self.attn_q = Linear(d, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.attn_k = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
+        self.attn_v = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
+        self.attn_output = Linear(cfg.n_head * hd, d, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.attn_q_norm = RMSNorm(hd, cfg.rms_eps)
             self.attn_k_norm = RMSNorm(hd, cfg.rms_eps)
@@ -116,9 +141,9 @@ class Attention(nn.Module):
 class DenseFFN(nn.Module):
     def __init__(self, n_embd: int, n_ff: int):
         super().__init__()
-        self.ffn_gate = nn.Linear(n_embd, n_ff, bias=False)
-        self.ffn_up = nn.Linear(n_embd, n_ff, bias=False)
-        self.ffn_down = nn.Linear(n_ff, n_embd, bias=False)
+        self.ffn_gate = Linear(n_embd, n_ff, bias=False)
+        self.ffn_up = Linear(n_embd, n_ff, bias=False)
+        self.ffn_down = Linear(n_ff, n_embd, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
@@ -145,9 +170,12 @@ class MoEFFN(nn.Module):
         self.ffn_down_exps = nn.Parameter(torch.zeros(n_expert, n_embd, n_ff))
         self.last_selection: torch.Tensor | None = None  # [tokens, k] expert ids of the last forward
         self.last_balance: torch.Tensor | None = None    # load-balance loss of the last training forward
+        self.act: dict[str, str | None] = {}              # activation rounding per expert tensor (round_activations)
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return F.silu(h @ self.ffn_gate_exps[e].T) * (h @ self.ffn_up_exps[e].T) @ self.ffn_down_exps[e].T
+        g = round_activations(h, self.act.get("ffn_gate_exps")) @ self.ffn_gate_exps[e].T
+        u = round_activations(h, self.act.get("ffn_up_exps")) @ self.ffn_up_exps[e].T
+        return round_activations(F.silu(g) * u, self.act.get("ffn_down_exps")) @ self.ffn_down_exps[e].T
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probabilities [N, E], selected experts [N, k], their weights [N, k]) for tokens h [N, D]."""
@@ -206,6 +234,7 @@ class HybridModel(nn.Module):
         self.output_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         if not cfg.tie_word_embeddings:
             self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head_act: str | None = None  # activation rounding of the LM head (round_activations)
 
     def lm_head(self) -> torch.Tensor:
         return self.token_embd.weight if self.cfg.tie_word_embeddings else self.output.weight
@@ -222,7 +251,7 @@ class HybridModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.hidden_states(tokens)[-1]
-        return self.output_norm(x) @ self.lm_head().T
+        return round_activations(self.output_norm(x), self.lm_head_act) @ self.lm_head().T
 
     @torch.no_grad()
     def generate(self, tokens: list[int], n_new: int, eos: int | None = None) -> list[int]:

@@ -219,8 +219,15 @@ def validate_gguf(path: Path) -> list[str]:
     return problems
 
 
-def load_hybrid(path: Path) -> HybridModel:
-    """Read a dense2moe GGUF into the PyTorch reference (weights dequantized to float32)."""
+_ACT_OF_TYPE = {"Q8_0": "q8_0", "F16": "f16", "BF16": "bf16"}
+
+
+def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
+    """Read a dense2moe GGUF into the PyTorch reference (weights dequantized to float32).
+
+    With `emulate_llama_cpp`, every matmul also rounds its input the way llama.cpp's CPU
+    kernels do for that weight's type (model.round_activations), so the reference computes
+    what llama.cpp computes for a Q8_0/F16/BF16/F32 file, not the float32 ideal."""
     reader = open_gguf(path)
     problems = validate_gguf(path)
     if problems:
@@ -239,5 +246,30 @@ def load_hybrid(path: Path) -> HybridModel:
     for key in missing:  # only an absent router bias can get here (validate_gguf allows it)
         state[key] = torch.zeros_like(model.state_dict()[key])
     model.load_state_dict(state)
+    if emulate_llama_cpp:
+        _set_activation_rounding(model, reader)
     return model
+
+
+def _set_activation_rounding(model: HybridModel, reader: gguf.GGUFReader) -> None:
+    unsupported = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1} - {"F32", *_ACT_OF_TYPE}
+    if unsupported:
+        raise D2MError(f"{reader.data.filename}: activation emulation covers F32/F16/BF16/Q8_0, not {sorted(unsupported)}")
+    keys = state_key(model)
+    modules = dict(model.named_modules())
+    for t in reader.tensors:
+        act = _ACT_OF_TYPE.get(t.tensor_type.name)
+        if t.name not in keys or len(t.shape) < 2 or "ffn_gate_inp" in t.name:
+            continue  # norms, biases and routers are not matmul inputs (routers are F32)
+        path = keys[t.name]
+        if t.name == "token_embd.weight":
+            if model.cfg.tie_word_embeddings:
+                model.lm_head_act = act
+        elif t.name == "output.weight":
+            model.lm_head_act = act
+        elif "_exps" in t.name:
+            module, param = path.rsplit(".", 1)
+            modules[module].act[param] = act
+        else:
+            modules[path.rsplit(".", 1)[0]].act = act
 

@@ -141,23 +141,16 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -
             text = text.replace("\u2581", " ")
             types[i] = int(T.USER_DEFINED)
         tokens[i], scores[i] = text.encode("utf-8"), -1000.0
-
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(hf_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    _write_spm(writer, hf_dir, tokens, scores, types)
 
 
 def _add_llama_hf(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
     """A SentencePiece tokenizer saved as tokenizer.json (gguf-py's LlamaHfVocab reads it)."""
-    vocab = gguf.LlamaHfVocab(hf_dir)
-    tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(kind)
+    tokens, scores, types = zip(*gguf.LlamaHfVocab(hf_dir).all_tokens())
+    _write_spm(writer, hf_dir, list(tokens), list(scores), list(types))
+
+
+def _write_spm(writer: gguf.GGUFWriter, hf_dir: Path, tokens: list, scores: list[float], types: list[int]) -> None:
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -1,0 +1,179 @@
+"""Benchmarks: build model variants, measure quality and speed with llama.cpp, write tables and plots.
+
+Every measured number comes from the patched llama.cpp (llama-perplexity on
+WikiText-2 test, llama-bench for speed); variants of one table are timed in the
+same llama-bench process so their ratios hold. Nothing here asserts: tests check
+the machinery, the numbers go into the results directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .costmodel import gguf_cost, get_device, load_devices
+from .errors import D2MError
+from .ggufout import OutType
+from .llamacpp import LlamaCpp
+from .pipeline import ConvertRequest, HealSettings, run
+from .planner import PlanRequest
+
+log = logging.getLogger("d2m")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a table: the dense source, or a method at a size."""
+
+    method: str          # dense | lfuc | prune | attn-prune | upcycle
+    fuse: int = 0
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method}-{self.fuse}"
+
+
+def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: HealSettings,
+                  scores: Path | None, progress: bool = True) -> Path:
+    """The variant's GGUF (reused when already built with the same settings)."""
+    out = work / f"{v.name}-{outtype.value}.gguf"
+    stamp = out.with_suffix(".settings.json")
+    settings = json.dumps({"variant": asdict(v), "outtype": outtype.value, "heal": _heal_key(heal)}, sort_keys=True)
+    if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
+        return out
+    t = time.monotonic()
+    if v.method == "dense":
+        from .dense_export import export_dense
+        export_dense(hf_dir, out, outtype, progress=progress)
+    else:
+        run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=outtype, scores=scores,
+                           request=PlanRequest(method=v.method, fuse=v.fuse), heal=heal,
+                           work_dir=work / f"{v.name}.d2m", progress=progress))
+    stamp.write_text(settings)
+    log.info("built %s in %.1f min", out.name, (time.monotonic() - t) / 60)
+    return out
+
+
+def _heal_key(heal: HealSettings) -> dict:
+    return {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
+            "ctx": heal.ctx, "max_chunks": heal.max_chunks}
+
+
+@dataclass
+class SpeedRow:
+    model: str
+    depth: int
+    decode_ts: float
+    decode_std: float
+    prompt_ts: float | None = None
+
+
+def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (0,), n_gen: int = 64,
+                n_prompt: int = 128, repetitions: int = 3, log_dir: Path | None = None) -> list[SpeedRow]:
+    """Decode (and prompt) tokens/s of every model in one llama-bench process."""
+    args = []
+    for m in models:
+        args += ["-m", m]
+    args += ["-p", n_prompt, "-n", n_gen, "-d", ",".join(map(str, depths)), "-r", repetitions, "-t", llama.threads,
+             "-o", "json"]
+    proc = llama.run("llama-bench", args)
+    if log_dir is not None:
+        (log_dir / "llama-bench.json").write_text(proc.stdout)
+        (log_dir / "llama-bench.log").write_text(proc.stderr)
+    rows: dict[tuple[str, int], SpeedRow] = {}
+    for r in json.loads(proc.stdout):
+        key = (Path(r["model_filename"]).name, int(r.get("n_depth", 0)))
+        row = rows.setdefault(key, SpeedRow(key[0], key[1], 0.0, 0.0))
+        if r["n_gen"] > 0 and r["n_prompt"] == 0:
+            row.decode_ts, row.decode_std = float(r["avg_ts"]), float(r["stddev_ts"])
+        elif r["n_prompt"] > 0 and r["n_gen"] == 0:
+            row.prompt_ts = float(r["avg_ts"])
+    return list(rows.values())
+
+
+def wikitext_ppl(llama: LlamaCpp, model: Path, wikitext: Path, ctx: int, chunks: int | None,
+                 log_dir: Path | None = None) -> float:
+    ppl, text = llama.perplexity(model, wikitext, ctx=ctx, chunks=chunks)
+    if log_dir is not None:
+        (log_dir / f"ppl-{model.stem}.log").write_text(text)
+    return ppl
+
+
+@dataclass
+class LfucTableRequest:
+    hf_dir: Path
+    sizes: tuple[int, ...] = (4, 6, 8)
+    methods: tuple[str, ...] = ("lfuc", "prune")
+    outtype: OutType = OutType.Q8_0
+    heal: HealSettings = field(default_factory=HealSettings)
+    wikitext: Path | None = None
+    ctx: int = 512
+    chunks: int | None = None             # None: the whole WikiText-2 test set
+    depth: int = 0
+    results: Path = Path("bench/results")
+    scores: Path | None = None
+    progress: bool = True
+
+
+def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
+    """LF-UC against the equally healed baselines at each size, plus the dense model (issue table)."""
+    from .data import DEFAULT_EVAL
+
+    llama = llama or LlamaCpp.default()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(req.results) / f"lfuc-{stamp}"
+    work = Path(req.results) / "work"
+    for d in (out_dir, work):
+        d.mkdir(parents=True, exist_ok=True)
+    variants = [Variant("dense")] + [Variant(m, n) for n in req.sizes for m in req.methods]
+    files = {}
+    for v in variants:
+        files[v] = build_variant(v, req.hf_dir, work, req.outtype, req.heal, req.scores, req.progress)
+    speed = {(r.model, r.depth): r for r in llama_bench(llama, list(files.values()), depths=(req.depth,),
+                                                         log_dir=out_dir)}
+    host = get_device("host")
+    phone = load_devices()["phone-i8mm"]
+    dense_cost = gguf_cost(files[variants[0]], depth=req.depth)
+    rows = []
+    for v in variants:
+        f = files[v]
+        cost = gguf_cost(f, depth=req.depth)
+        ppl = wikitext_ppl(llama, f, req.wikitext or DEFAULT_EVAL, req.ctx, req.chunks, log_dir=out_dir)
+        s = speed[(f.name, req.depth)]
+        rows.append({
+            "variant": v.name, "method": v.method, "fuse": v.fuse,
+            "heal_minutes": 0 if v.method == "dense" else req.heal.minutes,
+            "ppl": round(ppl, 3),
+            "mb_per_token": round(cost.total_bytes / 1e6, 2),
+            "decode_ts": round(s.decode_ts, 2), "decode_std": round(s.decode_std, 2),
+            "predicted_speedup_host": round(cost.tokens_per_s(host) / dense_cost.tokens_per_s(host), 3),
+            "predicted_tps_phone": round(cost.tokens_per_s(phone), 1),
+        })
+    dense = rows[0]
+    for r in rows:
+        r["ppl_vs_dense"] = round(r["ppl"] / dense["ppl"], 3)
+        r["measured_speedup"] = round(r["decode_ts"] / dense["decode_ts"], 3)
+    _write_table(rows, out_dir / "lfuc", title=f"LF-UC vs baselines ({req.outtype.value}, WikiText-2 test ctx {req.ctx}"
+                 f"{'' if req.chunks is None else f', {req.chunks} chunks'}; decode at depth {req.depth})")
+    (out_dir / "settings.json").write_text(json.dumps({"heal": _heal_key(req.heal), "sizes": req.sizes,
+                                                       "outtype": req.outtype.value, "ctx": req.ctx,
+                                                       "chunks": req.chunks}, indent=1))
+    return out_dir
+
+
+def _write_table(rows: list[dict], stem: Path, title: str) -> None:
+    keys = list(rows[0])
+    with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+__all__ = ["Variant", "build_variant", "llama_bench", "lfuc_table", "LfucTableRequest", "D2MError"]
