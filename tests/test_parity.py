@@ -4,8 +4,17 @@ f32: NMSE <= 1e-6 and 100% top-1 agreement; q8_0: NMSE <= 1e-3 and >= 98% top-1
 agreement; on 256 positions, in batch prefill and token-by-token decode. The
 reference runs the weights of the file under test (read back with
 reader.load_hybrid: for f32 the upcycled model itself, for q8_0 its dequantized
-weights), so what is compared is the two implementations, llama.cpp's int8
-activations included. The KV cache llama.cpp allocates holds only the attention layers.
+weights with llama.cpp's int8 activation rounding emulated), so what is compared is
+the two implementations. The KV cache llama.cpp allocates holds only the attention layers.
+
+Why q8_0 top-1 is counted where it is decided: with int8 activations, logits are
+chaotic at the ~5e-4 NMSE level. Measured on SmolLM2 (all-kinds plan, 256 calibration
+tokens): two references that differ only in the last bit of the q8_0 scale reciprocal
+(1/d vs 127/amax, both found in ggml) agree with each other at top-1 on 92.6% of
+positions (NMSE 4.0e-4); llama.cpp vs the reference 93.4% (NMSE 3.5e-4), and every
+disagreement has a top-2 margin under 0.42 nats. So at q8_0 agreement is asserted on
+the positions whose top-2 margin exceeds the measured logit noise (RMS of the
+difference), which must be at least half of all positions; the raw rate is logged.
 """
 
 from __future__ import annotations
@@ -45,8 +54,16 @@ def text_tokens(hf_dir, text_file, n):
     return ids[:n]
 
 
+def decided_top1(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement on positions whose reference top-2 margin exceeds the logit noise, their share)."""
+    noise = float(np.sqrt(((got - ref) ** 2).mean()))
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > noise
+    return top1_agreement(got[decided], ref[decided]) if decided.any() else 0.0, float(decided.mean())
+
+
 def check(llama, gguf_path, tokens, outtype):
-    model = load_hybrid(gguf_path)
+    model = load_hybrid(gguf_path, emulate_llama_cpp=outtype != "f32")
     with torch.no_grad():
         ref = model(torch.tensor([tokens]))[0].numpy()
     max_nmse, min_top1 = LIMITS[outtype]
@@ -55,8 +72,15 @@ def check(llama, gguf_path, tokens, outtype):
         got, log = llama.logits(gguf_path, tokens, mode=mode)
         assert got.shape == ref.shape
         e, a = nmse(got, ref), top1_agreement(got, ref)
+        print(f"{gguf_path.name} {mode}: NMSE {e:.3g}, top-1 agreement {a:.4f}")
         assert e <= max_nmse, f"{mode}: NMSE {e:.3g} > {max_nmse}"
-        assert a >= min_top1, f"{mode}: top-1 agreement {a:.3f} < {min_top1}"
+        if outtype == "f32":
+            assert a >= min_top1, f"{mode}: top-1 agreement {a:.3f} < {min_top1}"
+        else:
+            a_decided, share = decided_top1(got, ref)
+            print(f"  decided positions {share:.3f}, agreement there {a_decided:.4f}")
+            assert share >= 0.5, f"{mode}: only {share:.2f} of positions have a top-2 margin above the noise"
+            assert a_decided >= min_top1, f"{mode}: top-1 agreement on decided positions {a_decided:.3f} < {min_top1}"
         logs[mode] = log
     return logs
 
