@@ -32,9 +32,12 @@ LLAMA_SRC   := build/llama.cpp-src
 HOST_BIN    := build/llama.cpp/bin
 STOCK_BIN   := build/llama.cpp-stock/bin
 ARM64_BIN   := build/llama.cpp-arm64/bin
+ASAN_BIN    := build/llama.cpp-asan/bin
 HOST_TOOLS  := llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-imatrix llama-d2m-logits
 STOCK_TOOLS := llama-perplexity llama-completion
 ARM64_TOOLS := llama-cli llama-completion llama-bench llama-perplexity
+# the loader fuzzer (tests/test_fuzz_gguf.py) needs only the logits tool
+ASAN_TOOLS  := llama-d2m-logits
 # a modern phone core: Armv8.2-A with dot product and int8 matrix multiply (Cortex-A76/X1 and later)
 ARM64_ARCH  ?= armv8.2-a+dotprod+i8mm+fp16
 
@@ -47,7 +50,7 @@ CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
 
-.PHONY: help setup deps smollm2 llama-src llama llama-stock arm64 test test-fast demo bench clean distclean
+.PHONY: help setup deps smollm2 llama-src llama llama-stock llama-asan arm64 test test-fast demo bench quantize clean distclean
 
 help:
 	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
@@ -57,7 +60,10 @@ help:
 	@echo "make llama-src the pinned llama.cpp source in $(LLAMA_SRC)"
 	@echo "make llama     the patched llama.cpp tools in $(HOST_BIN)"
 	@echo "make llama-stock  unpatched llama.cpp tools in $(STOCK_BIN) (upstream comparisons)"
+	@echo "make llama-asan   patched $(ASAN_TOOLS) with ASan+UBSan in $(ASAN_BIN) (loader fuzzing)"
 	@echo "make arm64     static aarch64 build of the patched tools in $(ARM64_BIN) ($(ARM64_ARCH))"
+	@echo "make bench     the quantization x variant matrix in bench/results/<stamp>/ (QUICK=1: a 5-minute subset)"
+	@echo "make quantize  IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm: a device recipe from quant/"
 
 # ---- Python environment --------------------------------------------------------------------
 # gguf-py comes from the pinned llama.cpp itself (PyPI's gguf 0.19.0 is an older snapshot of it), so
@@ -127,6 +133,16 @@ build/stock/.built-$(LLAMA_VER): $(LLAMA_SRC)/.pin-$(LLAMA_VER) | deps
 	$(call llama_build,stock,,$(STOCK_TOOLS),,$(STOCK_BIN))
 	touch $@
 
+# the patched loader under AddressSanitizer + UBSan (llama and ggml, so gguf parsing is covered too);
+# GGML_OPENMP=OFF keeps the uninstrumented libgomp out of the picture
+ASAN_CMAKE := -DLLAMA_SANITIZE_ADDRESS=ON -DLLAMA_SANITIZE_UNDEFINED=ON \
+	-DGGML_SANITIZE_ADDRESS=ON -DGGML_SANITIZE_UNDEFINED=ON -DGGML_OPENMP=OFF -DLLAMA_BUILD_SERVER=OFF
+llama-asan: build/asan/.built-$(PATCH_HASH)
+build/asan/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+	mkdir -p build/asan && rm -f build/asan/.built-*
+	$(call llama_build,asan,$(PATCHES),$(ASAN_TOOLS),$(ASAN_CMAKE),$(ASAN_BIN))
+	touch $@
+
 ARM64_CMAKE := -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
 	-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
 	-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER -DCMAKE_EXE_LINKER_FLAGS=-static \
@@ -140,24 +156,28 @@ build/arm64/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | de
 # ---- the two commands of the README --------------------------------------------------------
 PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_SRC) \
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
-	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN)
+	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) D2M_LLAMA_ASAN_BIN=$(CURDIR)/$(ASAN_BIN)
 
-test: setup smollm2 llama-src llama llama-stock arm64
+test: setup smollm2 llama-src llama llama-stock llama-asan arm64
 	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 # the quick loop while developing: no builds, no slow tests
 test-fast: setup smollm2 llama-src
 	$(PYTEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-DEMO_OUT := build/demo
+DEMO_OUT  := build/demo
+DEMO_ARGS ?=
+# the main job: analyse -> plan (fuse 8) -> upcycle -> heal (10 min on 2 cores by default) -> GGUF,
+# then the same prompt through the dense and the Dense2MoE model
 demo: setup smollm2 llama
 	mkdir -p $(DEMO_OUT)
-	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-dense-f16.gguf --dense --outtype f16
-	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-d2m-f16.gguf --plan examples/plans/smollm2-all-kinds.json --outtype f16
-	$(VENV)/bin/d2m inspect $(DEMO_OUT)/smollm2-d2m-f16.gguf
-	$(HOST_BIN)/llama-completion -m $(DEMO_OUT)/smollm2-d2m-f16.gguf -p "The capital of France is" -n 24 --temp 0 -no-cnv 2>/dev/null
+	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-dense-q8_0.gguf --dense --outtype q8_0
+	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-lfuc-q8_0.gguf --outtype q8_0 $(DEMO_ARGS)
+	$(VENV)/bin/d2m inspect $(DEMO_OUT)/smollm2-lfuc-q8_0.gguf
+	for m in dense lfuc; do echo "== $$m"; $(HOST_BIN)/llama-completion -m $(DEMO_OUT)/smollm2-$$m-q8_0.gguf \
+	  -p "The capital of France is" -n 24 --temp 0 -no-cnv 2>/dev/null; echo; done
 
 clean:
-	rm -rf build/host build/stock build/arm64 build/demo build/.src-tmp
+	rm -rf build/host build/stock build/asan build/arm64 build/demo build/.src-tmp
 distclean:
 	rm -rf build dl models $(VENV)

@@ -20,12 +20,22 @@ from .errors import D2MError
 def check_output_path(path: Path, need_bytes: int = 0) -> None:
     """Fail early, before hours of work, if `path` cannot be written."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.exists():
         raise D2MError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise D2MError(f"{path}: output directory {parent} is not writable")
+    if not parent.is_dir():
+        raise D2MError(f"{path}: {parent} is not a directory")
     if path.is_dir():
         raise D2MError(f"{path}: is a directory, expected a file path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise D2MError(f"{path}: output directory {parent} is not writable")
+    # os.access answers for permission bits only (root passes it everywhere, pseudo file systems
+    # accept nothing): creating a file is the only honest test
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise D2MError(f"{path}: output directory {parent} is not writable ({e.strerror})") from e
     if need_bytes:
         free = shutil.disk_usage(parent).free
         if free < need_bytes:
@@ -49,7 +59,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     untouched and the temporary file is removed.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise D2MError(f"{path}: cannot create a file in {path.parent}: {e.strerror}") from e
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs private
     os.close(fd)
     tmp = Path(tmp_name)

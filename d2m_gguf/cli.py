@@ -106,7 +106,8 @@ plan_options = [
     click.option("--depth", type=int, default=512, show_default=True, help="Context depth the plan targets."),
     click.option("--device", default="host", show_default=True,
                  help="Device profile for predictions (host, phone-i8mm, phone-dotprod, rpi5, ...)."),
-    click.option("--split", type=int, default=6, show_default=True, help="Experts cut from each source MLP."),
+    click.option("--split", type=int, default=None,
+                 help="Experts cut from each source MLP [default: 1 for lfuc (whole MLPs, top-1), 6 for upcycle]."),
     click.option("--top-k", type=int, default=None, help="Experts per token [default: split]."),
     click.option("--depth-aware", is_flag=True, help="lfuc: also drop attention alone where that is cheaper."),
 ]
@@ -149,13 +150,17 @@ heal_options = [
 @click.option("--pre-tokenizer", default=None, help="llama.cpp BPE pre-tokenizer name, when it is not recognised.")
 @click.option("--save-hf", type=click.Path(path_type=Path), default=None,
               help="Also save the upcycled model as an HF-style checkpoint (safetensors + config) here.")
+@click.option("--from-checkpoint", "student", type=click.Path(path_type=Path), default=None,
+              help="Write this upcycled HF-style checkpoint (from --save-hf or `d2m heal`) instead of planning, "
+                   "upcycling and healing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 @user_errors
 def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores: Path | None, method, fuse,
             target_speedup, max_bytes_per_token, depth, device, split, top_k, depth_aware, heal_minutes, heal_tokens,
             block_local_fraction, no_heal, text, ctx, outtype: str, router_init: str | None, seed: int,
-            work_dir: Path | None, pre_tokenizer: str | None, save_hf: Path | None, quiet: bool, verbose: bool) -> None:
+            work_dir: Path | None, pre_tokenizer: str | None, save_hf: Path | None, student: Path | None, quiet: bool,
+            verbose: bool) -> None:
     """Convert HF_DIR (a Hugging Face checkpoint) to OUT (a GGUF).
 
     \b
@@ -164,13 +169,14 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
     --fuse 8), upcycle, heal within the budget, write a dense2moe GGUF.
     --dense         the dense model, as llama.cpp's convert_hf_to_gguf.py writes it
     --plan PLAN     a hand-written (or earlier) fusion plan instead of planning
+    --from-checkpoint DIR   an upcycled checkpoint healed elsewhere (`d2m heal`)
     """
     from .atomic import check_output_path
     from .ggufout import OutType
     from .spec import load_dense_spec
 
-    if dense and plan_path:
-        raise D2MError("--dense and --plan exclude each other")
+    if sum(map(bool, (dense, plan_path, student))) > 1:
+        raise D2MError("--dense, --plan and --from-checkpoint exclude each other")
     spec = load_dense_spec(hf_dir)  # fails early, before any work, on a bad checkpoint
     check_output_path(out)
     if dense:
@@ -194,7 +200,7 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
     summary = run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
                                  request=request, device=device, text=text, heal=heal, work_dir=work_dir,
                                  save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
-                                 router_init=router_init))
+                                 router_init=router_init, student=student))
     log.info("wrote %s (dense2moe, %s): %s", out, outtype, json.dumps(summary["plan"]))
 
 
@@ -299,6 +305,45 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
                f"{choice.plan_bytes / 1e6:.1f} MB/token, speedup x{choice.predicted_speedup:.2f}")
 
 
+@main.command("heal")
+@click.argument("student", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), required=True,
+              help="The dense HF checkpoint the student was upcycled from.")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="Budget in minutes (0: none).")
+@click.option("--tokens", type=int, default=None, help="Budget in training tokens (whichever ends first).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--batch", type=int, default=4, show_default=True, help="Sequences per step (per process).")
+@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of KL(teacher || student).")
+@click.option("--lm-weight", type=float, default=0.1, show_default=True, help="Weight of the next-token loss.")
+@with_options(calibration_options)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
+@user_errors
+def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: int | None, lr: float, batch: int,
+             kd_weight: float, lm_weight: float, text: Path | None, ctx: int, quiet: bool, verbose: bool) -> None:
+    """End-to-end distillation of STUDENT (an upcycled checkpoint from `convert --save-hf`) into OUT.
+
+    \b
+    On CPU for small budgets; for real budgets on GPUs run it under torchrun (DDP):
+      torchrun --nproc-per-node 8 -m d2m_gguf heal STUDENT OUT --teacher HF_DIR --tokens 200000000
+    It checkpoints to OUT/checkpoint.pt and resumes from it; write the result with
+    `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`.
+    """
+    from .heal import Budget, E2EConfig
+    from .pipeline import HealRequest, heal_checkpoint
+
+    if not minutes and not tokens:
+        raise D2MError("give a budget: --minutes and/or --tokens")
+    stage = heal_checkpoint(HealRequest(student=student, teacher=teacher, out=out,
+                                        budget=Budget(tokens=tokens, minutes=minutes or None), text=text, ctx=ctx,
+                                        e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight),
+                                        progress=not quiet))
+    last = stage.rows[-1] if stage.rows else {}
+    click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
+               f"wrote {out}")
+
+
 @main.group("bench")
 def bench() -> None:
     """Benchmarks with the patched llama.cpp (quality with llama-perplexity, speed with llama-bench)."""
@@ -333,6 +378,94 @@ def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block
                                       progress=not quiet))
     click.echo((out / "lfuc.md").read_text())
     click.echo(f"results in {out}")
+
+
+@bench.command("matrix")
+@click.argument("hf_dir", type=click.Path(path_type=Path), default=Path("models/smollm2-135m-instruct"))
+@click.option("--quick", is_flag=True, help="The QUICK subset (dense + a hand-written LF-UC plan, 3 quant types).")
+@click.option("--quants", default=None, help="Comma-separated quant types / recipes (default: all; see quant/).")
+@click.option("--chunks", type=int, default=None, help="WikiText-2 test chunks per row [default: 8, QUICK 3].")
+@click.option("--heal-minutes", type=float, default=None, help="Healing budget of the variants [default: 3, QUICK 0].")
+@click.option("--with-upcycle", is_flag=True, help="Add plain sparse upcycling rows (full matrix).")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@verbose_option
+@user_errors
+def bench_matrix(hf_dir, quick, quants, chunks, heal_minutes, with_upcycle, results, verbose) -> None:
+    """Variants x quant types: size, active bytes, ppl, KLD, top-1, host tok/s, predicted phone tok/s, arm64 check.
+
+    Writes matrix.csv, matrix.md, pareto.png and the tool logs under RESULTS/<timestamp>/."""
+    from .matrix import MatrixVariant, full_request, quick_request
+    from .pipeline import HealSettings
+
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise D2MError(f"{hf_dir}: not a Hugging Face checkpoint directory (make smollm2)")
+    kw: dict = {"results": results}
+    if quants:
+        kw["quants"] = tuple(q.strip() for q in quants.split(",") if q.strip())
+    if chunks:
+        kw["chunks"] = chunks
+    if heal_minutes is not None:
+        kw["heal"] = HealSettings(minutes=heal_minutes)
+    req = quick_request(hf_dir, **kw) if quick else full_request(hf_dir, **kw)
+    if with_upcycle:
+        req.variants = (*req.variants, MatrixVariant("upcycle", 4))
+    from .matrix import run_matrix
+    out = run_matrix(req)
+    click.echo((out / "matrix.md").read_text())
+    click.echo(f"results in {out}")
+
+
+@bench.command("adb")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@click.option("--matrix-dir", type=click.Path(path_type=Path), default=None,
+              help="The matrix to append to [default: the newest under RESULTS].")
+@click.option("--quants", default="Q4_0,phone-i8mm,phone-dotprod", show_default=True,
+              help="Rows (quant types / recipes) to time on the phone.")
+@click.option("--threads", type=int, default=4, show_default=True)
+@verbose_option
+@user_errors
+def bench_adb(results, matrix_dir, quants, threads, verbose) -> None:
+    """Time matrix rows on an attached Android phone (llama-bench over adb) and append them to the matrix.
+
+    With no device attached (or no adb) it says so and does nothing else."""
+    from .matrix import adb_bench
+
+    adb_bench(results=results, matrix_dir=matrix_dir, quants=tuple(quants.split(",")), threads=threads,
+              echo=click.echo)
+
+
+@main.command("quantize")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--device", default=None, help="Device recipe: host, phone-i8mm, phone-i8mm-g2, phone-dotprod, rpi5 "
+              "(quant/<recipe>.json), or a recipe .json path.")
+@click.option("--type", "qtype", default=None, help="A plain llama-quantize type instead of a recipe (Q4_0, Q4_K_M...).")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for the importance matrix [default: ../shared/data/calibration-mixed.txt].")
+@click.option("--chunks", type=int, default=64, show_default=True, help="Calibration chunks for llama-imatrix.")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per imatrix chunk.")
+@click.option("--min-expert-tokens", type=int, default=None,
+              help="Experts that saw fewer tokens are filled from the layer's pooled statistics "
+                   "[default: max(32, 10% of the layer's mean)].")
+@click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
+              help="Reuse an importance matrix (GGUF) instead of computing one.")
+@click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@verbose_option
+@user_errors
+def quantize_cmd(src, out, device, qtype, text, chunks, ctx, min_expert_tokens, imatrix_file, no_imatrix,
+                 verbose) -> None:
+    """Quantize SRC (an f16/f32 GGUF) to OUT for a device: its recipe, an importance matrix from the patched
+    llama-imatrix (tokens per expert reported, rare experts pooled) and the patched llama-quantize."""
+    from .quantize import load_recipe, quantize_file
+
+    if bool(device) == bool(qtype):
+        raise D2MError("give exactly one of --device NAME or --type QTYPE")
+    if device:
+        device = str(load_recipe(device).path)   # an unknown device fails here, before any work
+    rep = quantize_file(src, out, device or qtype, text=text, ctx=ctx, chunks=chunks,
+                        min_expert_tokens=min_expert_tokens, use_imatrix=not no_imatrix, imatrix=imatrix_file)
+    for line in rep.lines():
+        click.echo(line)
 
 
 def convert_main() -> None:

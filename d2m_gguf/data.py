@@ -60,13 +60,16 @@ class Tokenizer:
         return self.tok.decode(ids)
 
 
-def token_chunks(tokens: list[int], n_ctx: int, n_chunks: int | None = None, bos: int | None = None) -> torch.Tensor:
+def token_chunks(tokens: list[int], n_ctx: int, n_chunks: int | None = None, bos: int | None = None,
+                 where: str = "text") -> torch.Tensor:
     """[n_chunks, n_ctx] consecutive chunks (llama-perplexity: first token replaced by BOS when the model adds one)."""
+    if n_ctx <= 0:
+        raise D2MError(f"{where}: the sequence length must be positive, got {n_ctx}")
     n = len(tokens) // n_ctx
     if n_chunks is not None:
         n = min(n, n_chunks)
     if n == 0:
-        raise D2MError(f"text too short: {len(tokens)} tokens, need at least {n_ctx}")
+        raise D2MError(f"{where}: text too short: {len(tokens)} tokens, need at least {n_ctx} for one sequence")
     chunks = torch.tensor(tokens[: n * n_ctx], dtype=torch.long).view(n, n_ctx)
     if bos is not None:
         chunks[:, 0] = bos

@@ -138,6 +138,68 @@ def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos,
     return hres + block.ffn(h), zero, zero
 
 
+@dataclass
+class RouterFitConfig:
+    tokens: int = 8192             # calibration tokens per block (a fifth is held out)
+    steps: int = 300
+    lr: float = 1e-2
+    seed: int = 0
+
+
+def _block_error(block: Block, hres: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> float:
+    return relative_error(hres + block.ffn(h), y).item()
+
+
+def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
+                cfg: RouterFitConfig = RouterFitConfig()) -> dict[int, dict]:
+    """Fit each MoE router by classification on the oracle target (which experts best rebuild the teacher's
+    output at the end of the fused span), on cached teacher activations.
+
+    The fitted router is kept only where it lowers the block's error on held-out tokens
+    compared with the router it started from (`host` init: the pruned model), so fitting
+    never makes a block worse than pruning its guests would. Returns per block the held-out
+    errors before and after, and whether the fit was kept."""
+    spans = block_spans(plan)
+    n, t = next(iter(cache.maps.values())).shape[:2]
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    report: dict[int, dict] = {}
+    for j, block in enumerate(model.blocks):
+        if not isinstance(block.ffn, MoEFFN):
+            continue
+        moe = block.ffn
+        s, e = spans[j]
+        idx = rng.choice(n, size=min(n, max(2, -(-cfg.tokens // t))), replace=False)
+        with torch.no_grad():
+            x, y = cache.get(s, idx), cache.get(e, idx)
+            hres = x + block.attn(x, cache.cos, cache.sin) if block.has_attention else x
+            d = hres.shape[-1]
+            hres, y = hres.reshape(-1, d), y.reshape(-1, d)
+            h = block.ffn_norm(hres)
+            q = torch.cat([oracle_router_target(expert_outputs(moe, h[i:i + 512]), (y - hres)[i:i + 512],
+                                                moe.n_expert_used) for i in range(0, len(h), 512)])
+        held = len(h) // 5
+        train, test = slice(held, None), slice(0, held)
+        before_state = {k: v.clone() for k, v in moe.ffn_gate_inp.state_dict().items()}
+        with torch.no_grad():
+            before = _block_error(block, hres[test], h[test], y[test])
+        opt = torch.optim.Adam(moe.ffn_gate_inp.parameters(), lr=cfg.lr)
+        for _ in range(cfg.steps):
+            logp = torch.log_softmax(moe.ffn_gate_inp(h[train]), dim=-1)
+            loss = -(q[train] * logp).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = _block_error(block, hres[test], h[test], y[test])
+        kept = after < before
+        if not kept:
+            moe.ffn_gate_inp.load_state_dict(before_state)
+        report[j] = {"held_out_rel_err_before": round(before, 5), "held_out_rel_err_after": round(after, 5),
+                     "kept": kept, "tokens": len(h)}
+    return report
+
+
 # -- budgets and logs --------------------------------------------------------------------------
 
 @dataclass
@@ -222,14 +284,18 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
 
 
 def _progress(budget: Budget, tokens: int, started: float, steps: int, cfg, t: int) -> float:
-    """Fraction of the budget spent (for the cosine schedule)."""
+    """Fraction of the budget spent (for the cosine schedule).
+
+    A token or step budget, when given, drives the schedule alone and the time budget is
+    only a stop: the wall clock then never changes a weight, so the same inputs and seed
+    heal to the same model (byte-identical GGUF) on any machine that finishes in time."""
     fractions = []
     if budget.tokens:
         fractions.append(tokens / budget.tokens)
-    if budget.minutes:
-        fractions.append((time.monotonic() - started) / (budget.minutes * 60))
     if budget.max_steps:
         fractions.append(steps / budget.max_steps)
+    if budget.minutes and not fractions:
+        fractions.append((time.monotonic() - started) / (budget.minutes * 60))
     return max(fractions) if fractions else 0.0
 
 
@@ -275,6 +341,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
+    device = next(student.parameters()).device
     net = torch.nn.parallel.DistributedDataParallel(student) if distributed else student
     log = StageLog("end-to-end")
     rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
@@ -285,7 +352,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
     bar = tqdm(total=budget.tokens, unit="tok", desc="end-to-end distillation", disable=not progress or rank != 0,
                leave=False, initial=tokens)
     while not budget.done(tokens, started, step):
-        x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)]
+        x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)].to(device)
         with torch.no_grad():
             t_logp = torch.log_softmax(teacher(x)[:, :-1].float(), dim=-1)
         s_logp = torch.log_softmax(net(x)[:, :-1].float(), dim=-1)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path
 from .errors import D2MError
 from .model import BlockConfig, HybridConfig, HybridModel, gguf_name, state_key
-from .plan import FusionPlan
+from .plan import FusionPlan, load_plan
 from .spec import DenseSpec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -60,3 +60,11 @@ def load_hf_checkpoint(path: Path) -> HybridModel:
     state = {keys[name]: t for name, t in load_file(str(path / "model.safetensors")).items()}
     model.load_state_dict(state)
     return model.to(torch.float32)
+
+
+def load_hf_plan(path: Path, n_layer: int) -> FusionPlan:
+    """The fusion plan saved beside the weights (d2m_plan.json), validated against the source's depth."""
+    plan_file = Path(path) / "d2m_plan.json"
+    if not plan_file.is_file():
+        raise D2MError(f"{path}: no d2m_plan.json (not written by `d2m convert --save-hf` or `d2m heal`)")
+    return load_plan(plan_file, n_layer)

@@ -24,13 +24,15 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .errors import D2MError
 from .ggufout import OutType
 from .heal import (BlockLocalConfig, Budget, E2EConfig, StageLog, TeacherCache, block_local_distill, block_spans,
-                   distill_e2e, trained_blocks)
-from .hybrid_export import export_hybrid
+                   distill_e2e, fit_routers, trained_blocks)
+from .atomic import check_output_path
+from .hybrid_export import export_hybrid, hybrid_tensors
 from .model import HybridModel
-from .plan import FusionPlan, identity_plan, load_plan, plan_summary
+from .plan import FusionPlan, identity_plan, load_plan, plan_summary, validate_plan
 from .planner import PlanRequest, choose_plan
 from .spec import DenseSpec, load_dense_spec
 from .upcycle import upcycle
+from .vocab import check_tokenizer
 
 log = logging.getLogger("d2m")
 
@@ -44,6 +46,7 @@ class HealSettings:
     block_local_fraction: float = 0.6   # of the budget; the rest is end-to-end distillation
     ctx: int = 256
     max_chunks: int | None = None       # calibration sequences used (None: the whole text)
+    block_local_sequences: int = 192    # teacher activations cached for block-local distillation (ctx each)
     block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
 
@@ -58,7 +61,8 @@ class HealSettings:
 
 def calibration(hf_dir: Path, text: Path | None, ctx: int, max_chunks: int | None) -> torch.Tensor:
     tok = Tokenizer(hf_dir)
-    return token_chunks(tok.encode(read_text(text or DEFAULT_CALIBRATION)), ctx, max_chunks, tok.bos)
+    source = text or DEFAULT_CALIBRATION
+    return token_chunks(tok.encode(read_text(source)), ctx, max_chunks, tok.bos, where=f"{source} (--ctx {ctx})")
 
 
 def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor, settings: HealSettings,
@@ -71,10 +75,17 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: tor
         spans = block_spans(plan)
         boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
         t = time.monotonic()
-        cache = TeacherCache(teacher, chunks, boundaries, cache_dir=work_dir, progress=progress)
+        cached = chunks[:settings.block_local_sequences]
+        cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
         log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
-                 chunks.shape[0], chunks.shape[1], len(boundaries), time.monotonic() - t)
+                 cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
         try:
+            if plan.router_init == "fit":
+                fits = fit_routers(model, plan, cache)
+                for j, r in fits.items():
+                    log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
+                             r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
+                logs.append(StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()]))
             logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
                                             settings.block_local, progress=progress))
         finally:
@@ -100,8 +111,11 @@ def write_heal_logs(logs: list[StageLog], work_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(logs), figsize=(5.5 * len(logs), 3.8), squeeze=False)
-    for ax, stage in zip(axes[0], logs):
+    curves = [s for s in logs if s.rows and "tokens" in s.rows[0]]   # training stages (not the router fit)
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, stage in zip(axes[0], curves):
         if not stage.rows:
             continue
         x = [r["tokens"] for r in stage.rows]
@@ -111,7 +125,8 @@ def write_heal_logs(logs: list[StageLog], work_dir: Path) -> None:
         ax.set_xlabel("tokens")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(work_dir / "heal.png", dpi=100)
     plt.close(fig)
@@ -150,27 +165,36 @@ class ConvertRequest:
     router_init: str | None = None      # overrides the plan's
     seed: int = 0
     progress: bool = True
+    student: Path | None = None         # an upcycled (e.g. `d2m heal`ed) HF-style checkpoint: write it, no planning
 
 
 def run(req: ConvertRequest) -> dict:
     """The whole job. Returns a summary (also written as OUT.d2m/summary.json)."""
     spec = load_dense_spec(req.hf_dir)
+    if req.student is not None:
+        return export_student(req, spec)
     ckpt = Checkpoint(req.hf_dir)
     ckpt.check(spec)
+    check_tokenizer(req.hf_dir, spec.vocab_size)
+    check_output_path(req.out)
+    # every input is checked before any work and before anything is written
+    plan = None
+    if req.plan is not None:
+        plan = load_plan(req.plan, spec.n_layer)
+        validate_plan(plan, str(req.plan), n_ff=spec.n_ff)
+    chunks = None
+    if (plan is None and req.scores is None) or req.heal.enabled:
+        chunks = calibration(req.hf_dir, req.text, req.heal.ctx, req.heal.max_chunks)
     work = req.work_dir or req.out.with_name(req.out.name + ".d2m")
-    work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(req.seed)
     summary: dict = {"source": str(req.hf_dir), "output": str(req.out)}
     teacher = upcycle(spec, ckpt, identity_plan(spec.n_layer))
-    chunks = None
 
-    if req.plan is not None:
-        plan = load_plan(req.plan, spec.n_layer)
-    else:
+    if plan is None:
+        work.mkdir(parents=True, exist_ok=True)
         if req.scores is not None:
             scores = LayerScores.load(req.scores)
         else:
-            chunks = calibration(req.hf_dir, req.text, req.heal.ctx, req.heal.max_chunks)
             scores = analyze(teacher, chunks[:32], progress=req.progress, source=req.hf_dir.name)
             scores.save(work / "scores.json")
             plot_scores(scores, work / "scores.png")
@@ -189,10 +213,11 @@ def run(req: ConvertRequest) -> dict:
     summary["plan"] = plan_summary(plan)
 
     model = upcycle(spec, ckpt, plan, seed=req.seed)
+    # the exact size is known now: fail before healing, not after it
+    check_output_path(req.out, need_bytes=sum(t.nbytes for t in hybrid_tensors(model, req.outtype)))
+    work.mkdir(parents=True, exist_ok=True)
     healing = None
     if req.heal.enabled:
-        if chunks is None:
-            chunks = calibration(req.hf_dir, req.text, req.heal.ctx, req.heal.max_chunks)
         logs = heal(model, teacher, plan, chunks, req.heal, work, progress=req.progress)
         healing = {"minutes": req.heal.minutes, "tokens_budget": req.heal.tokens,
                    "block_local_fraction": req.heal.block_local_fraction,
@@ -211,10 +236,78 @@ def run(req: ConvertRequest) -> dict:
     if req.save_hf:
         from .hf_export import save_hf_checkpoint
         save_hf_checkpoint(model, plan, spec, req.hf_dir, req.save_hf)
+    # wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed reproduce
     export_hybrid(model, plan, spec, req.hf_dir, req.out, req.outtype, pre_tokenizer=req.pre_tokenizer,
-                  healing=healing, progress=req.progress)
+                  healing=_without_timings(healing), progress=req.progress)
     (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     return summary
 
 
-__all__ = ["ConvertRequest", "HealSettings", "run", "heal", "calibration", "expert_usage", "D2MError", "DenseSpec"]
+def _without_timings(value):
+    """`value` (JSON-like) without its wall-clock fields ("seconds"), which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def export_student(req: ConvertRequest, spec: DenseSpec) -> dict:
+    """Write an upcycled HF-style checkpoint (from --save-hf, or healed by `d2m heal`) as a dense2moe GGUF."""
+    from .hf_export import load_hf_checkpoint, load_hf_plan
+
+    model, plan = load_hf_checkpoint(req.student), load_hf_plan(req.student, spec.n_layer)
+    export_hybrid(model, plan, spec, req.hf_dir, req.out, req.outtype, pre_tokenizer=req.pre_tokenizer,
+                  progress=req.progress)
+    return {"source": str(req.hf_dir), "student": str(req.student), "output": str(req.out),
+            "plan": plan_summary(plan)}
+
+
+@dataclass
+class HealRequest:
+    """`d2m heal`: end-to-end distillation of an upcycled HF-style checkpoint against its dense source."""
+
+    student: Path                       # from `d2m convert --save-hf` (or an earlier `d2m heal`)
+    teacher: Path                       # the dense HF checkpoint it was made from
+    out: Path                           # the healed checkpoint (same format), checkpoint.pt, heal.csv/png
+    budget: Budget = field(default_factory=lambda: Budget(minutes=10.0))
+    text: Path | None = None
+    ctx: int = 256
+    e2e: E2EConfig = field(default_factory=E2EConfig)
+    progress: bool = True
+
+
+def heal_checkpoint(req: HealRequest) -> StageLog:
+    """Run end-to-end distillation; under `torchrun` every rank trains (DDP) and rank 0 writes.
+
+    Resumes from OUT/checkpoint.pt when it exists (an interrupted or extended run)."""
+    import os
+
+    import torch.distributed as dist
+
+    from .hf_export import load_hf_checkpoint, load_hf_plan, save_hf_checkpoint
+
+    spec = load_dense_spec(req.teacher)
+    ckpt = Checkpoint(req.teacher)
+    ckpt.check(spec)
+    student = load_hf_checkpoint(req.student)
+    plan = load_hf_plan(req.student, spec.n_layer)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    teacher = upcycle(spec, ckpt, identity_plan(spec.n_layer)).to(device)
+    student = student.to(device)
+    req.out.mkdir(parents=True, exist_ok=True)
+    chunks = calibration(req.teacher, req.text, req.ctx, None)
+    stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint=req.out / "checkpoint.pt",
+                        progress=req.progress)
+    if rank == 0:
+        save_hf_checkpoint(student.cpu(), plan, spec, req.teacher, req.out)
+        write_heal_logs([stage], req.out)
+    if dist.is_initialized():
+        dist.barrier()
+    return stage
+
+
+__all__ = ["HealRequest", "heal_checkpoint", "ConvertRequest", "HealSettings", "run", "heal", "calibration", "expert_usage", "D2MError", "DenseSpec"]

@@ -122,31 +122,78 @@ def _expected_shapes(cfg: HybridConfig, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Bounds of the pinned llama.cpp (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS) and of sanity: no real model comes
+# near them, so a larger value is a corrupt or hostile file, refused before anything is sized from it.
+MAX_LAYERS = 512
+MAX_EXPERTS = 1024
+MAX_WIDTH = 1 << 20        # n_embd, n_ff, heads, head size
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 24
+
+_PER_LAYER = ((Keys.ATTENTION_PRESENT, 1), (Keys.FEED_FORWARD_LENGTH, MAX_WIDTH), (Keys.EXPERT_COUNT, MAX_EXPERTS),
+              (Keys.EXPERT_USED_COUNT, MAX_EXPERTS))
+_REQUIRED = ((Keys.EMBEDDING_LENGTH, MAX_WIDTH), (Keys.HEAD_COUNT, MAX_WIDTH), (Keys.HEAD_COUNT_KV, MAX_WIDTH),
+             (Keys.VOCAB_SIZE, MAX_VOCAB))
+_OPTIONAL = ((Keys.KEY_LENGTH, MAX_WIDTH), (Keys.VALUE_LENGTH, MAX_WIDTH), (Keys.CONTEXT_LENGTH, MAX_CONTEXT))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(value: Any, bound: int) -> bool:
+    return (_is_int(value) or isinstance(value, bool)) and 0 <= value <= bound
+
+
 def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int, bool]:
-    """(problems, block count, whether tensors can still be checked against the metadata)."""
+    """(every metadata problem, block count (0 if unusable), whether the metadata is complete enough to
+    describe every layer)."""
     problems = []
     n = field(reader, Keys.BLOCK_COUNT)
-    if not isinstance(n, int) or n <= 0:
-        return [f"{Keys.BLOCK_COUNT} missing or not a positive integer"], 0, False
-    for key in (Keys.ATTENTION_PRESENT, Keys.EXPERT_COUNT, Keys.EXPERT_USED_COUNT, Keys.FEED_FORWARD_LENGTH):
+    if not _is_int(n) or n <= 0:
+        problems.append(f"{Keys.BLOCK_COUNT} missing or not a positive integer")
+        n = 0
+    elif n > MAX_LAYERS:
+        problems.append(f"{Keys.BLOCK_COUNT} = {n} exceeds the maximum of {MAX_LAYERS} layers")
+        n = 0
+    complete = n > 0
+    for key, bound in _PER_LAYER:
         value = field(reader, key)
         if not isinstance(value, list):
             problems.append(f"{key} missing or not a per-layer array")
-        elif len(value) != n:
+            complete = False
+            continue
+        if n and len(value) != n:
             problems.append(f"{key} has {len(value)} entries, {Keys.BLOCK_COUNT} is {n}")
-    for key in (Keys.EMBEDDING_LENGTH, Keys.HEAD_COUNT, Keys.HEAD_COUNT_KV, Keys.VOCAB_SIZE):
-        if not isinstance(field(reader, key), int):
-            problems.append(f"{key} missing")
-    structural = bool(problems)
-    experts = field(reader, Keys.EXPERT_COUNT) or []
-    used = field(reader, Keys.EXPERT_USED_COUNT) or []
+            complete = False
+        bad = next(((i, v) for i, v in enumerate(value) if not _in_range(v, bound)), None)
+        if bad is not None:
+            problems.append(f"{key}[{bad[0]}] = {bad[1]!r} is out of range 0..{bound}")
+            complete = False
+    for key, bound in _REQUIRED + _OPTIONAL:
+        value = field(reader, key)
+        if value is None and (key, bound) in _OPTIONAL:
+            continue
+        if not _is_int(value):
+            problems.append(f"{key} missing" if value is None else f"{key} is not an integer: {value!r}")
+            complete = False
+        elif not 0 < value <= bound:
+            problems.append(f"{key} = {value} is out of range 1..{bound}")
+            complete = False
+    n_head, n_head_kv = field(reader, Keys.HEAD_COUNT), field(reader, Keys.HEAD_COUNT_KV)
+    if _is_int(n_head) and _is_int(n_head_kv) and n_head > 0 and n_head_kv > 0 and n_head % n_head_kv:
+        problems.append(f"{Keys.HEAD_COUNT} {n_head} is not a multiple of {Keys.HEAD_COUNT_KV} {n_head_kv}")
+        complete = False
+    experts, used = field(reader, Keys.EXPERT_COUNT), field(reader, Keys.EXPERT_USED_COUNT)
     if isinstance(experts, list) and isinstance(used, list):
         for i, (e, k) in enumerate(zip(experts, used)):
+            if not (_is_int(e) and _is_int(k)):
+                continue
             if k > e:
                 problems.append(f"layer {i}: {k} experts used > {e} experts")
             elif e > 0 and k == 0:
                 problems.append(f"layer {i}: {e} experts but none used")
-    return problems, n, not structural
+    return problems, n, complete
 
 
 def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> HybridConfig:
@@ -180,22 +227,54 @@ def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> Hyb
     )
 
 
+def _partial_config(reader: gguf.GGUFReader, n: int) -> tuple[HybridConfig, int, bool]:
+    """A config for the layers the metadata describes, how many those are (a prefix of the n layers), and
+    whether its model-wide sizes are usable (if not, tensor names are checked but not shapes)."""
+    arrays = [field(reader, key) for key, _ in _PER_LAYER]
+    covered = min([n] + [len(a) if isinstance(a, list) else 0 for a in arrays])
+    present, n_ff, experts, used = (a[:covered] if isinstance(a, list) else [] for a in arrays)
+    blocks = []
+    for i in range(covered):
+        if not all(_in_range(v, bound) for v, (_, bound) in zip((present[i], n_ff[i], experts[i], used[i]), _PER_LAYER)):
+            covered = i
+            break
+        blocks.append(BlockConfig(bool(present[i]), int(n_ff[i]), int(experts[i]), int(used[i])))
+    sizes = [field(reader, key) for key, _ in _REQUIRED]
+    sizes_ok = all(_is_int(v) and 0 < v <= bound for v, (_, bound) in zip(sizes, _REQUIRED))
+    n_embd, n_head, n_head_kv, vocab = sizes if sizes_ok else (1, 1, 1, 1)
+    head_dim = field(reader, Keys.KEY_LENGTH, n_embd // n_head)
+    if not _is_int(head_dim) or not 0 < head_dim <= MAX_WIDTH:
+        sizes_ok, head_dim = False, 1
+    names = {t.name for t in reader.tensors}
+    first_attn = next((i for i, b in enumerate(blocks) if b.attention), None)
+    cfg = HybridConfig(
+        vocab_size=vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_ctx_train=2048, rms_eps=1e-6, rope_theta=10000.0,
+        qkv_bias=first_attn is not None and tensor_name(T.ATTN_Q, first_attn, "bias") in names,
+        o_bias=first_attn is not None and tensor_name(T.ATTN_OUT, first_attn, "bias") in names,
+        qk_norm=first_attn is not None and tensor_name(T.ATTN_Q_NORM, first_attn) in names,
+        tie_word_embeddings=tensor_name(T.OUTPUT) not in names, normalize_topk=True, blocks=tuple(blocks))
+    return cfg, covered, sizes_ok
+
+
 def validate_gguf(path: Path) -> list[str]:
-    """Every way `path` breaks the dense2moe contract (empty list: valid)."""
+    """Every way `path` breaks the dense2moe contract (empty list: valid).
+
+    Not only the first problem: metadata and tensors are both checked, and where the metadata is
+    broken the tensors are still checked as far as it describes them (the layers its per-layer
+    arrays cover, the shapes its model-wide sizes give)."""
     reader = open_gguf(path)
     arch = field(reader, "general.architecture")
     if arch != ARCH:
         return [f"general.architecture is {arch!r}, expected {ARCH!r}"]
-    problems, n, usable = _metadata_problems(reader)
-    if not usable:
-        return problems
-    cfg = hybrid_config_from_gguf(reader, strict=False)
+    problems, n, _ = _metadata_problems(reader)
+    cfg, covered, sizes_ok = _partial_config(reader, n)
     tensors = {t.name: t for t in reader.tensors}
     expected: dict[str, tuple[int, ...]] = {tensor_name(T.TOKEN_EMBD): (cfg.vocab_size, cfg.n_embd),
                                             tensor_name(T.OUTPUT_NORM): (cfg.n_embd,)}
     if tensor_name(T.OUTPUT) in tensors:
         expected[tensor_name(T.OUTPUT)] = (cfg.vocab_size, cfg.n_embd)
-    for i in range(n):
+    for i in range(covered):
         expected.update(_expected_shapes(cfg, i))
     for name, shape in expected.items():
         t = tensors.get(name)
@@ -204,18 +283,23 @@ def validate_gguf(path: Path) -> list[str]:
                 problems.append(f"tensor {name} is missing")
             continue
         got = tuple(int(d) for d in reversed(t.shape))
-        if got != shape:
+        if sizes_ok and got != shape:
             problems.append(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
-        if len(shape) == 1 and t.tensor_type != gguf.GGMLQuantizationType.F32:
+    for name, t in tensors.items():
+        if len(t.shape) == 1 and t.tensor_type != gguf.GGMLQuantizationType.F32:
             problems.append(f"tensor {name} is {t.tensor_type.name}, 1-D tensors must be F32")
-    for name in tensors:
-        if name not in expected:
-            layer = name.split(".")[1] if name.startswith("blk.") else None
-            if layer is not None and layer.isdigit() and int(layer) < n and not cfg.blocks[int(layer)].attention \
-                    and any(name.startswith(gguf.TENSOR_NAMES[k].format(bid=int(layer)) + ".") for k in ATTENTION_TENSORS):
+        if name in expected:
+            continue
+        layer = name.split(".")[1] if name.startswith("blk.") else None
+        if layer is not None and layer.isdigit() and int(layer) < n:
+            il = int(layer)
+            if il >= covered:
+                continue  # the metadata does not say what this layer holds (reported above)
+            if not cfg.blocks[il].attention and any(
+                    name.startswith(gguf.TENSOR_NAMES[k].format(bid=il) + ".") for k in ATTENTION_TENSORS):
                 problems.append(f"tensor {name} in layer {layer}, which is flagged attention-free")
-            else:
-                problems.append(f"unexpected tensor {name}")
+                continue
+        problems.append(f"unexpected tensor {name}")
     return problems
 
 

@@ -212,9 +212,43 @@ def _add_bpe(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, pre_tokeniz
     gguf.SpecialVocab(hf_dir, load_merges=True).add_to_gguf(writer, quiet=True)
 
 
+def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
+    """Fail early, in one line, if `hf_dir` has no readable tokenizer or one that does not fit `vocab_size`."""
+    hf_dir = Path(hf_dir)
+    spm_path, json_path = hf_dir / "tokenizer.model", hf_dir / "tokenizer.json"
+    if spm_path.is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor()
+        try:
+            sp.LoadFromFile(str(spm_path))
+        except (OSError, RuntimeError) as e:
+            raise D2MError(f"{spm_path}: not a valid SentencePiece model ({str(e).splitlines()[0]})") from e
+        n = sp.vocab_size()
+        path = spm_path
+    elif json_path.is_file():
+        from tokenizers import Tokenizer
+
+        _read_json(json_path)  # a JSON error names its line
+        try:
+            vocab = Tokenizer.from_file(str(json_path)).get_vocab(with_added_tokens=True)
+        except Exception as e:  # tokenizers raises its own Exception subclass for a malformed file
+            raise D2MError(f"{json_path}: not a valid tokenizer ({str(e).splitlines()[0]})") from e
+        n = max(vocab.values()) + 1 if vocab else 0
+        path = json_path
+    else:
+        raise D2MError(f"{hf_dir}: no tokenizer (expected tokenizer.json or tokenizer.model)")
+    if n == 0:
+        raise D2MError(f"{path}: the tokenizer has no tokens")
+    if n > vocab_size:
+        raise D2MError(f"{path}: the tokenizer has token ids up to {n - 1}, "
+                       f"which do not fit the model's vocab_size {vocab_size} (config.json)")
+
+
 def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, pre_tokenizer: str | None = None) -> None:
     """Write the tokenizer of `hf_dir` as GGUF metadata (tokens, types, scores or merges, specials, template)."""
     hf_dir = Path(hf_dir)
+    check_tokenizer(hf_dir, vocab_size)
     config_path = hf_dir / "tokenizer_config.json"
     if config_path.is_file():
         add_prefix_space = _read_json(config_path).get("add_prefix_space")

@@ -81,3 +81,13 @@ def tiny_dirs(tmp_path_factory, smollm2_dir, calibration_text) -> dict[str, Path
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python convert.py ...` or `python -m d2m_gguf ...` as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=1800)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow_fuzz` tests (the 500-case loader fuzz) run only when asked for: D2M_SLOW_FUZZ=1, or -m naming them."""
+    if os.environ.get("D2M_SLOW_FUZZ") == "1" or "slow_fuzz" in (config.getoption("markexpr") or ""):
+        return
+    selected = [item for item in items if item.get_closest_marker("slow_fuzz") is None]
+    if len(selected) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("slow_fuzz") is not None])
+        items[:] = selected

@@ -16,7 +16,7 @@ from d2m_gguf.heal import (BlockLocalConfig, Budget, E2EConfig, TeacherCache, bl
                            distill_e2e, trained_blocks)
 from d2m_gguf.plan import identity_plan, parse_plan
 from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
-from d2m_gguf.reader import validate_gguf
+from d2m_gguf.reader import load_hybrid, validate_gguf
 from d2m_gguf.spec import load_dense_spec
 from d2m_gguf.upcycle import hybrid_config, upcycle
 
@@ -72,7 +72,7 @@ def test_planner_methods_and_equal_bytes(smollm2_scores):
         [12, 13, 14, 15, 16, 17, 25, 26]
     assert [b.attention for b in lfuc.blocks] == [b.attention for b in prune.blocks]
     host = next(b for b in lfuc.blocks if b.attention == 11)
-    assert host.mlp == (11, 12, 13, 14, 15, 16, 17) and host.top_k == host.split == 6
+    assert host.mlp == (11, 12, 13, 14, 15, 16, 17) and host.top_k == host.split == 1   # whole MLPs, top-1
     bytes_of = lambda p: planned_cost(hybrid_config(spec, p), WeightTypes(), 512).total_bytes
     router_bytes = sum(576 * b.n_expert * 4 for b in lfuc.blocks if b.moe)
     assert bytes_of(lfuc) == pytest.approx(bytes_of(prune) + router_bytes)   # equal N = equal active bytes
@@ -147,9 +147,37 @@ def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, l
     summary = json.loads((work / "summary.json").read_text())
     assert summary["plan"]["blocks"] == 4 and summary["predicted"]["speedup"] > 1
     healing = json.loads((work / "heal.json").read_text())
-    assert [s["stage"] for s in healing["stages"]] == ["block-local", "end-to-end"]
+    assert [s["stage"] for s in healing["stages"]] == ["router-fit", "block-local", "end-to-end"]
     assert healing["expert_usage"]
     text, log = llama.complete(out, "Hello", n=4)
+    assert text.strip()
+
+
+def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, llama, tmp_path):
+    """convert --save-hf --no-heal -> d2m heal (resumable) -> convert --from-checkpoint: the staged path."""
+    from d2m_gguf.hf_export import load_hf_checkpoint
+
+    hf = tiny_dirs["llama"]
+    up, healed, out = tmp_path / "upcycled", tmp_path / "healed", tmp_path / "healed.gguf"
+    proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
+                   "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    common = ("--teacher", hf, "--text", calibration_text, "--ctx", "64", "--lr", "1e-3", "--quiet")
+    proc = run_cli("-m", "d2m_gguf", "heal", up, healed, "--tokens", "2048", "--minutes", "0", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert (healed / "checkpoint.pt").is_file() and (healed / "heal.csv").is_file()
+    first = torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"]
+    proc = run_cli("-m", "d2m_gguf", "heal", up, healed, "--tokens", "4096", "--minutes", "0", *common)  # resumes, goes on
+    assert proc.returncode == 0, proc.stderr
+    assert first == 2048 and torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"] == 4096
+    before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    proc = run_cli("convert.py", hf, out, "--from-checkpoint", healed, "--outtype", "f32", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert validate_gguf(out) == []
+    reread = load_hybrid(out).state_dict()
+    assert all(torch.equal(reread[k], v) for k, v in after.items())
+    text, _ = llama.complete(out, "Hello", n=4)
     assert text.strip()
 
 

@@ -1,0 +1,249 @@
+"""Device quantization recipes and the `make bench` matrix machinery, on a tiny model.
+
+No timing is asserted: the tests check that rows, columns and files come out, that a failing row is recorded
+and the rest completes, and that a recipe's overrides land in the quantized file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from d2m_gguf.errors import D2MError
+from d2m_gguf.fixtures.tiny import make_tiny
+from d2m_gguf.pipeline import HealSettings
+from d2m_gguf.quantize import (CLASS_PATTERNS, expert_token_counts, load_recipe, pool_rare_experts, recipe_names,
+                               shape_fallback, tensor_types)
+
+from .conftest import REPO, run_cli
+from .test_parity import hybrid
+
+TINY_PLAN = REPO / "examples" / "plans" / "tiny-all-kinds.json"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_dir, calibration_text) -> Path:
+    """One tiny llama checkpoint (a few training steps so routing is not degenerate)."""
+    return make_tiny("llama", tmp_path_factory.mktemp("bench") / "tiny", bpe_tokenizer_dir=smollm2_dir,
+                     text_file=calibration_text, train_steps=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_d2m_f16(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench-d2m") / "tiny-d2m-f16.gguf"
+    hybrid(tiny_llama, TINY_PLAN, out, "f16")
+    return out
+
+
+# ---- recipes ----------------------------------------------------------------------------------------------
+
+def test_every_device_profile_has_a_recipe_with_reasons():
+    from d2m_gguf.costmodel import load_devices
+
+    assert {"host", "phone-i8mm", "phone-dotprod", "rpi5"} <= set(recipe_names())
+    for key, dev in load_devices().items():
+        r = load_recipe(key)
+        assert r.name == dev.recipe, key
+    for name in recipe_names():
+        r = load_recipe(name)
+        assert r.why["recipe"] and r.why["base"], name
+        for cls, t in r.types.items():
+            assert r.why.get(cls), f"{name}: {cls} has no why"
+            assert t in gguf.GGMLQuantizationType.__members__, f"{name}: {cls} type {t}"
+        assert r.types.get("router", "F32") in ("F32", "F16", "BF16")
+        assert "experts" in r.types and "attention" in r.types and "output" in r.types
+
+
+def test_recipe_args_and_shape_fallback():
+    r = load_recipe("phone-i8mm")
+    args = r.quantize_args(tied_embeddings=True, n_embd=576)
+    assert f"{CLASS_PATTERNS['experts']}={r.types['experts']}" in args
+    # llama-quantize does not apply its shape fallback to explicit output/embedding types: we do
+    assert args[args.index("--output-tensor-type") + 1] == "Q8_0"          # Q6_K on 576 columns
+    assert args[args.index("--token-embedding-type") + 1] == "Q8_0"        # tied: follows the head
+    assert shape_fallback("Q6_K", 1024) == "Q6_K" and shape_fallback("Q4_K", 576) == "Q5_0"
+    untied = r.quantize_args(tied_embeddings=False, n_embd=1024)
+    assert untied[untied.index("--token-embedding-type") + 1] == r.types["embeddings"]
+
+
+def test_unknown_recipe_is_a_user_error(tmp_path):
+    with pytest.raises(D2MError, match="no quantization recipe"):
+        load_recipe("nokia-3310")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "d2m-quant-recipe/1", "base": {"type": "Q4_0"},
+                               "classes": {"router": {"type": "Q4_0", "why": "x"}}}))
+    with pytest.raises(D2MError, match="router"):
+        load_recipe(bad)
+
+
+# ---- imatrix expert coverage -------------------------------------------------------------------------------
+
+def _fake_imatrix(path: Path, counts: list[float], ne0: int = 8) -> np.ndarray:
+    w = gguf.GGUFWriter(path, arch="imatrix", use_temp_file=False)
+    rng = np.random.default_rng(0)
+    sums = (rng.random((len(counts), ne0)) + 0.5).astype(np.float32) * np.asarray(counts, np.float32)[:, None]
+    w.add_tensor("blk.0.ffn_up_exps.weight.in_sum2", sums)
+    w.add_tensor("blk.0.ffn_up_exps.weight.counts", np.asarray(counts, np.float32)[:, None])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sums
+
+
+def test_rare_experts_are_filled_from_the_pool(tmp_path):
+    src, dst = tmp_path / "raw.gguf", tmp_path / "pooled.gguf"
+    sums = _fake_imatrix(src, [1000, 900, 3, 0])
+    cov = pool_rare_experts(src, dst, min_tokens=100)
+    assert cov[0].counts == [1000, 900, 3, 0] and cov[0].pooled == [2, 3]
+    t = {x.name: x for x in gguf.GGUFReader(dst).tensors}
+    new_sums = np.asarray(t["blk.0.ffn_up_exps.weight.in_sum2"].data).reshape(4, -1)
+    new_counts = np.asarray(t["blk.0.ffn_up_exps.weight.counts"].data).ravel()
+    pool = (sums[0] + sums[1]) / 1900
+    np.testing.assert_allclose(new_sums[3] / new_counts[3], pool, rtol=1e-5)          # no tokens: the pool
+    np.testing.assert_allclose(new_sums[2], sums[2] + 97 * pool, rtol=1e-5)           # shrunk towards it
+    np.testing.assert_array_equal(new_sums[:2], sums[:2])                             # well covered: untouched
+    assert list(new_counts) == [1000, 900, 100, 100]
+    assert [c.counts for c in expert_token_counts(src)] == [[1000, 900, 3, 0]]
+
+
+# ---- d2m quantize --device ----------------------------------------------------------------------------------
+
+def test_quantize_for_phone_applies_the_recipe(tiny_d2m_f16, llama, tmp_path):
+    out = tmp_path / "tiny-phone.gguf"
+    proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, out, "--device", "phone-i8mm", "--chunks", "4",
+                   "--ctx", "128")
+    assert proc.returncode == 0, proc.stderr
+    recipe = load_recipe("phone-i8mm")
+    types = tensor_types(out)
+    routers = {n: t for n, t in types.items() if "ffn_gate_inp" in n}
+    experts = {n: t for n, t in types.items() if "_exps" in n}
+    attn = {n: t for n, t in types.items() if ".attn_" in n and "norm" not in n}
+    assert routers and set(routers.values()) <= {"F32", "F16"}
+    assert experts and set(experts.values()) == {recipe.types["experts"]}
+    assert attn and set(attn.values()) == {recipe.types["attention"]}
+    assert types["token_embd.weight"] == shape_fallback(recipe.types["output"], 64)   # tied embeddings
+    # tokens per expert are reported for each MoE block of the plan (blocks 0 and 2)
+    assert "tokens per expert" in proc.stdout
+    for blk in ("blk.0: 2 experts", "blk.2: 2 experts"):
+        assert blk in proc.stdout, proc.stdout
+    imatrix = out.with_name(out.name + ".quant") / "imatrix.gguf"
+    cov = expert_token_counts(imatrix)
+    assert [c.layer for c in cov] == [0, 2] and all(sum(c.counts) > 0 for c in cov)
+    # and llama.cpp runs it
+    text, _ = llama.complete(out, "The capital of France is", n=4)
+    assert text.strip()
+
+
+def test_quantize_unknown_device_is_one_line_exit_2(tiny_d2m_f16, tmp_path):
+    proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, tmp_path / "x.gguf", "--device", "nokia-3310")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no quantization recipe")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# ---- the matrix ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_matrix(tiny_llama, llama, wikitext, calibration_text, tmp_path_factory) -> Path:
+    from d2m_gguf.matrix import MatrixRequest, MatrixVariant, run_matrix
+
+    req = MatrixRequest(
+        hf_dir=tiny_llama,
+        variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=TINY_PLAN, label="lfuc-plan")),
+        quants=("F16", "phone-i8mm", "BOGUS"), wikitext=wikitext, calibration=calibration_text, ctx=128, chunks=2,
+        heal=HealSettings(minutes=0), deep_depth=64, n_prompt=16, n_gen=8, repetitions=1, deep_repetitions=1,
+        imatrix_chunks=2, qemu_quants=(), results=tmp_path_factory.mktemp("results"), llama=llama)
+    return run_matrix(req)
+
+
+def test_matrix_rows_columns_and_files(tiny_matrix):
+    for name in ("matrix.csv", "matrix.md", "pareto.png", "settings.json"):
+        assert (tiny_matrix / name).is_file(), name
+    with open(tiny_matrix / "matrix.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["variant"], r["quant"]) for r in rows] == [
+        (v, q) for v in ("dense", "lfuc-plan") for q in ("F16", "phone-i8mm", "BOGUS")]
+    cols = {"file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "prompt_ts", "decode_ts_d0",
+            "decode_std_d0", "decode_ts_d64", "decode_std_d64", "decode_vs_dense", "pred_tps_phone-i8mm",
+            "pred_tps_phone-dotprod", "pred_tps_rpi5", "arm64_ppl_agree", "status", "error"}
+    assert cols <= set(rows[0])
+    ok = [r for r in rows if r["quant"] != "BOGUS"]
+    assert all(r["status"] == "ok" for r in ok), ok
+    for r in ok:
+        for c in ("file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "decode_ts_d0", "decode_ts_d64",
+                  "pred_tps_phone-i8mm"):
+            assert float(r[c]) >= 0, (c, r)
+        assert r["arm64_ppl_agree"] == "not run"
+    by = {(r["variant"], r["quant"]): r for r in rows}
+    # the LF-UC model reads fewer bytes per token than the dense one; the quantized file is smaller
+    assert float(by["lfuc-plan", "F16"]["active_mb_per_token"]) < float(by["dense", "F16"]["active_mb_per_token"])
+    assert float(by["dense", "phone-i8mm"]["file_mb"]) < float(by["dense", "F16"]["file_mb"])
+    assert float(by["lfuc-plan", "F16"]["kld_mean"]) > 0    # measured against the dense f16 logits
+    assert float(by["dense", "F16"]["decode_vs_dense"]) == 1.0
+    md = (tiny_matrix / "matrix.md").read_text()
+    assert md.count("\n| ") == 1 + len(rows)
+
+
+def test_matrix_records_a_failed_row_and_completes(tiny_matrix):
+    with open(tiny_matrix / "matrix.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    bogus = [r for r in rows if r["quant"] == "BOGUS"]
+    assert len(bogus) == 2 and all(r["status"] == "failed" for r in bogus)
+    assert all("unknown quantization type 'BOGUS'" in r["error"] for r in bogus)
+    assert all(r["ppl"] == "" for r in bogus)
+
+
+def test_pareto_png_is_a_valid_png(tiny_matrix):
+    data = (tiny_matrix / "pareto.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    import matplotlib.image as mpimg
+    img = mpimg.imread(tiny_matrix / "pareto.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+
+
+def test_pareto_front():
+    from d2m_gguf.matrix import pareto_front
+    pts = [(10, 5.0), (20, 6.0), (15, 7.0), (5, 4.0), (20, 5.5)]
+    assert sorted(pareto_front(pts)) == [0, 3, 4]
+
+
+@pytest.mark.slow
+def test_arm64_column_under_qemu(tiny_d2m_f16, llama, wikitext, tmp_path):
+    """The qemu column on one tiny Q8_0 row (the real matrix does it on SmolLM2 Q4_0/phone rows)."""
+    from d2m_gguf.matrix import MatrixRequest, _arm64_column
+
+    bin_dir = REPO / "build" / "llama.cpp-arm64" / "bin"
+    assert (bin_dir / "llama-perplexity").is_file(), "run `make arm64`"
+    assert shutil.which("qemu-aarch64-static"), "qemu-aarch64-static missing: make deps"
+    q = tmp_path / "tiny-q8_0.gguf"
+    llama.quantize(tiny_d2m_f16, q, "Q8_0")
+    req = MatrixRequest(hf_dir=tmp_path, variants=(), wikitext=wikitext, llama=llama, qemu_quants=("Q8_0",),
+                        arm64_bin=bin_dir)
+    rows = [{"status": "ok", "quant": "Q8_0"}, {"status": "ok", "quant": "F16"}]
+    (tmp_path / "logs").mkdir()
+    _arm64_column(req, rows, {0: q, 1: tiny_d2m_f16}, tmp_path / "logs", print)
+    assert rows[0]["arm64_ppl_agree"].startswith("yes"), rows[0]
+    assert rows[1]["arm64_ppl_agree"] == "not run"
+
+
+# ---- phones over adb -----------------------------------------------------------------------------------------
+
+def test_bench_adb_without_a_device_says_so(tmp_path):
+    proc = run_cli("-m", "d2m_gguf", "bench", "adb", "--results", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    if shutil.which("adb"):
+        devices = subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
+        assert "\tdevice" not in devices, "a device is attached: this test checks the no-device path"
+        assert "no Android device attached" in said
+    else:
+        assert "adb is not installed" in said
+    assert list(tmp_path.iterdir()) == []
