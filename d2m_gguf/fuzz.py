@@ -179,9 +179,18 @@ def _pick(rng: random.Random, sites: list[Site], prefer: str = "dense2moe.") -> 
 
 
 def mutate(raw: bytes, seed: int) -> tuple[bytes, str]:
-    """One mutant of `raw` (deterministic in `seed`) and what was done."""
+    """One mutant of `raw` (deterministic in `seed`) and what was done; never `raw` itself (a mutation that
+    happens to write the value already there is drawn again)."""
     rng = random.Random(seed)
     lay = parse_layout(raw)
+    for _ in range(100):
+        out, what = _mutate_once(raw, lay, rng)
+        if out != raw:
+            return out, what
+    raise AssertionError(f"seed {seed}: no mutation changed the file")
+
+
+def _mutate_once(raw: bytes, lay: GGUFLayout, rng: random.Random) -> tuple[bytes, str]:
     out = bytearray(raw)
     kind = rng.choice(["kv-value", "kv-value", "array-elem", "array-elem", "array-len", "string-len", "kv-type",
                        "header-count", "tensor-dim", "tensor-dim", "tensor-ndims", "tensor-type", "tensor-offset",

@@ -79,27 +79,27 @@ def test_killed_conversion_keeps_the_previous_output(smollm2_dir, tiny_dirs, tmp
 
 # -- determinism ------------------------------------------------------------------------------------
 
-def _lfuc(src: Path, text: Path, out: Path, seed: int) -> bytes:
+def _lfuc(src: Path, text: Path, out: Path, heal_tokens: int = 3072) -> bytes:
     out.parent.mkdir()
-    proc = run_cli("convert.py", src, out, "--fuse", "1", "--split", "2", "--heal-tokens", "3072", "--text", text, "--ctx", "64",
-                   "--outtype", "f32", "--seed", seed, "--quiet")
+    proc = run_cli("convert.py", src, out, "--fuse", "1", "--split", "2", "--heal-tokens", heal_tokens, "--text", text,
+                   "--ctx", "64", "--outtype", "f32", "--seed", "0", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out.read_bytes()
 
 
 def test_same_input_plan_and_seed_give_the_same_bytes(tiny_dirs, calibration_text, tmp_path):
     """The whole LF-UC job (analysis, planning, upcycling, both healing stages at a token budget, export)
-    twice: byte-identical GGUFs. A third run with another seed differs (the comparison can fail)."""
+    twice: byte-identical GGUFs. A third run with another healing budget differs (the comparison can fail)."""
     text = tmp_path / "calibration.txt"
     text.write_text(calibration_text.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     src = tiny_dirs["mistral"]
-    a = _lfuc(src, text, tmp_path / "a" / "m.gguf", 0)
-    b = _lfuc(src, text, tmp_path / "b" / "m.gguf", 0)
+    a = _lfuc(src, text, tmp_path / "a" / "m.gguf")
+    b = _lfuc(src, text, tmp_path / "b" / "m.gguf")
     healing = json.loads(field(open_gguf(tmp_path / "a" / "m.gguf"), Keys.HEALING))
     trained = {s["stage"]: s["tokens"] for s in healing["stages"]}
     assert trained["block-local"] > 0 and trained["end-to-end"] > 0, trained   # healing really ran
     assert a == b, "two runs with the same input, plan and seed wrote different files"
-    c = _lfuc(src, text, tmp_path / "c" / "m.gguf", 1)
+    c = _lfuc(src, text, tmp_path / "c" / "m.gguf", heal_tokens=1536)
     assert c != a
 
 
@@ -173,7 +173,8 @@ def test_absurd_sizes_are_refused_by_llama_cpp(case, tool, tiny_hybrid, llama, t
         np.arange(1, 9, dtype="<i4").tofile(tokens)
         args = ["-m", bad, "--tokens", tokens, "--out", tmp_path / "out.bin", "-t", "1"]
     else:
-        args = ["-m", bad, "-p", "hello", "-n", "2", "--temp", "0", "-no-cnv", "-t", "1"]
+        # -v: without it llama-completion drops some loader errors from its log (seen for block_count)
+        args = ["-m", bad, "-p", "hello", "-n", "2", "--temp", "0", "-no-cnv", "-t", "1", "-v"]
 
     def cap_memory():  # 8 GiB of address space: far below what the absurd sizes would need
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
