@@ -227,7 +227,7 @@ def test_arm64_column_under_qemu(tiny_d2m_f16, llama, wikitext, tmp_path):
     llama.quantize(tiny_d2m_f16, q, "Q8_0")
     req = MatrixRequest(hf_dir=tmp_path, variants=(), wikitext=wikitext, llama=llama, qemu_quants=("Q8_0",),
                         arm64_bin=bin_dir)
-    rows = [{"status": "ok", "quant": "Q8_0"}, {"status": "ok", "quant": "F16"}]
+    rows = [{"status": "ok", "quant": "Q8_0", "method": "lfuc"}, {"status": "ok", "quant": "F16", "method": "lfuc"}]
     (tmp_path / "logs").mkdir()
     _arm64_column(req, rows, {0: q, 1: tiny_d2m_f16}, tmp_path / "logs", print)
     assert rows[0]["arm64_ppl_agree"].startswith("yes"), rows[0]
