@@ -77,13 +77,6 @@ def with_options(options):
     return decorate
 
 
-def _calibration_chunks(hf_dir: Path, text: Path | None, ctx: int, n_chunks: int | None):
-    from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
-
-    tok = Tokenizer(hf_dir)
-    return token_chunks(tok.encode(read_text(text or DEFAULT_CALIBRATION)), ctx, n_chunks, tok.bos)
-
-
 def _dense_reference(hf_dir: Path):
     from .checkpoint import Checkpoint
     from .plan import identity_plan
@@ -263,9 +256,10 @@ def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int, chunks: int, output: 
                 quiet: bool, verbose: bool) -> None:
     """Score every layer of HF_DIR on calibration text: block, attention and MLP influence, MLP similarity."""
     from .analysis import analyze, plot_scores
+    from .pipeline import calibration
 
     spec, _, model = _dense_reference(hf_dir)
-    scores = analyze(model, _calibration_chunks(hf_dir, text, ctx, chunks), progress=not quiet, source=hf_dir.name)
+    scores = analyze(model, calibration(hf_dir, text, ctx, chunks), progress=not quiet, source=hf_dir.name)
     scores.save(output)
     plot_scores(scores, plot or output.with_suffix(".png"))
     order = sorted(range(1, spec.n_layer - 1), key=lambda i: scores.influence[i])
@@ -285,6 +279,7 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
              split, top_k, depth_aware, text, ctx, output: Path, verbose: bool) -> None:
     """Make a fusion plan for HF_DIR that meets a speed target, and print its predicted speedup."""
     from .analysis import LayerScores, analyze
+    from .pipeline import calibration
     from .costmodel import get_device
     from .planner import choose_plan
     from .plan import plan_summary
@@ -295,7 +290,7 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
         layer_scores = LayerScores.load(scores)
     else:
         _, _, model = _dense_reference(hf_dir)
-        layer_scores = analyze(model, _calibration_chunks(hf_dir, text, ctx, 32), source=hf_dir.name)
+        layer_scores = analyze(model, calibration(hf_dir, text, ctx, 32), source=hf_dir.name)
     req = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware)
     dev = get_device(device)
     choice = choose_plan(spec, layer_scores, req, dev)

@@ -116,8 +116,6 @@ def write_heal_logs(logs: list[StageLog], work_dir: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, stage in zip(axes[0], curves):
-        if not stage.rows:
-            continue
         x = [r["tokens"] for r in stage.rows]
         for key in [k for k in stage.rows[0] if k.startswith("rel_mse_") or k in ("kd", "lm")]:
             ax.plot(x, [r[key] for r in stage.rows], label=key)
