@@ -167,7 +167,7 @@ test-fast: setup smollm2 llama-src
 
 DEMO_OUT  := build/demo
 DEMO_ARGS ?=
-# the main job: analyse -> plan (fuse 8) -> upcycle -> heal (10 min on 2 cores by default) -> GGUF,
+# the main job: analyse -> plan (fuse 8) -> upcycle -> heal (100k tokens, about 9 min on 2 cores) -> GGUF,
 # then the same prompt through the dense and the Dense2MoE model
 demo: setup smollm2 llama
 	mkdir -p $(DEMO_OUT)
@@ -176,6 +176,18 @@ demo: setup smollm2 llama
 	$(VENV)/bin/d2m inspect $(DEMO_OUT)/smollm2-lfuc-q8_0.gguf
 	for m in dense lfuc; do echo "== $$m"; $(HOST_BIN)/llama-completion -m $(DEMO_OUT)/smollm2-$$m-q8_0.gguf \
 	  -p "The capital of France is" -n 24 --temp 0 -no-cnv 2>/dev/null; echo; done
+
+# the quantization x variant matrix (d2m bench matrix); QUICK=1: dense + a hand-written plan, 3 quant types
+BENCH_ARGS ?=
+bench: setup smollm2 llama arm64
+	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) \
+	  $(VENV)/bin/d2m bench matrix $(SMOLLM2) $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# a device recipe of quant/ applied to a GGUF: make quantize IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm
+DEVICE ?= host
+quantize: setup smollm2 llama
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make quantize IN=model-f16.gguf OUT=model-q.gguf [DEVICE=$(DEVICE)]"; exit 2; }
+	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) $(VENV)/bin/d2m quantize "$(IN)" "$(OUT)" --device $(DEVICE)
 
 clean:
 	rm -rf build/host build/stock build/asan build/arm64 build/demo build/.src-tmp

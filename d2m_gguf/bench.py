@@ -144,9 +144,10 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
         cost = gguf_cost(f, depth=req.depth)
         ppl = wikitext_ppl(llama, f, req.wikitext or DEFAULT_EVAL, req.ctx, req.chunks, log_dir=out_dir)
         s = speed[(f.name, req.depth)]
+        healed = healing_spent(work / f"{v.name}.d2m")
         rows.append({
             "variant": v.name, "method": v.method, "fuse": v.fuse,
-            "heal_minutes": 0 if v.method == "dense" else req.heal.minutes,
+            "heal_tokens": healed["tokens"], "heal_minutes": healed["minutes"],
             "ppl": round(ppl, 3),
             "mb_per_token": round(cost.total_bytes / 1e6, 2),
             "decode_ts": round(s.decode_ts, 2), "decode_std": round(s.decode_std, 2),
@@ -165,6 +166,88 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     return out_dir
 
 
+@dataclass
+class CurveRequest:
+    """Quality against the healing budget: the honest curve where a target is out of reach of the default."""
+
+    hf_dir: Path
+    fuse: int = 8
+    methods: tuple[str, ...] = ("lfuc", "prune")
+    budgets: tuple[int, ...] = (0, 25_000, 50_000, 100_000)     # healing tokens
+    outtype: OutType = OutType.Q8_0
+    wikitext: Path | None = None
+    ctx: int = 512
+    chunks: int | None = 40
+    results: Path = Path("bench/results")
+    scores: Path | None = None
+    progress: bool = True
+
+
+def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
+    """WikiText-2 ppl (llama-perplexity) of each method at each healing-token budget, plus the dense model:
+    curve.csv, curve.md, curve.png. A budget's variants are built under work/heal-<tokens>/ and reused."""
+    from .data import DEFAULT_EVAL
+
+    llama = llama or LlamaCpp.default()
+    out_dir = Path(req.results) / f"curve-{time.strftime('%Y%m%d-%H%M%S')}"
+    work = Path(req.results) / "work"
+    for d in (out_dir, work):
+        d.mkdir(parents=True, exist_ok=True)
+    text = req.wikitext or DEFAULT_EVAL
+    dense_file = build_variant(Variant("dense"), req.hf_dir, work, req.outtype, HealSettings(tokens=0), None,
+                               req.progress)
+    dense_ppl = wikitext_ppl(llama, dense_file, text, req.ctx, req.chunks, log_dir=out_dir)
+    rows = []
+    for tokens in req.budgets:
+        heal = HealSettings(tokens=tokens)
+        budget_dir = work / f"heal-{tokens}"
+        budget_dir.mkdir(parents=True, exist_ok=True)
+        for method in req.methods:
+            v = Variant(method, req.fuse)
+            f = build_variant(v, req.hf_dir, budget_dir, req.outtype, heal, req.scores, req.progress)
+            ppl = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=out_dir)
+            spent = healing_spent(budget_dir / f"{v.name}.d2m") if tokens else {"tokens": 0, "minutes": 0.0}
+            rows.append({"variant": v.name, "method": method, "fuse": req.fuse, "budget_tokens": tokens,
+                         "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
+                         "ppl_vs_dense": round(ppl / dense_ppl, 3)})
+            log.info("%s at %d healing tokens: ppl %.2f (dense %.2f)", v.name, tokens, ppl, dense_ppl)
+    _write_table(rows, out_dir / "curve", title=f"Healing curve: fuse {req.fuse}, {req.outtype.value}, WikiText-2 test "
+                 f"ctx {req.ctx}{'' if req.chunks is None else f', {req.chunks} chunks'}; dense ppl {dense_ppl:.3f}")
+    plot_curve(rows, dense_ppl, out_dir / "curve.png")
+    return out_dir
+
+
+def plot_curve(rows: list[dict], dense_ppl: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["budget_tokens"], r["ppl"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", label=f"{method}-{rows[0]['fuse']}")
+    ax.axhline(dense_ppl, color="k", lw=1, label="dense")
+    ax.axhline(1.25 * dense_ppl, color="k", lw=1, ls="--", label="1.25 x dense")
+    ax.set_xlabel("healing tokens (thousands)")
+    ax.set_ylabel("WikiText-2 ppl")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def healing_spent(work_dir: Path) -> dict:
+    """Tokens and minutes a variant's healing took (its heal.json; zero when it was not healed)."""
+    try:
+        stages = json.loads((work_dir / "heal.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return {"tokens": 0, "minutes": 0.0}
+    return {"tokens": sum(s["tokens"] for s in stages),
+            "minutes": round(sum(s.get("seconds", 0.0) for s in stages) / 60, 1)}
+
+
 def _write_table(rows: list[dict], stem: Path, title: str) -> None:
     keys = list(rows[0])
     with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
@@ -176,4 +259,5 @@ def _write_table(rows: list[dict], stem: Path, title: str) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-__all__ = ["Variant", "build_variant", "llama_bench", "lfuc_table", "LfucTableRequest", "D2MError"]
+__all__ = ["Variant", "build_variant", "llama_bench", "lfuc_table", "LfucTableRequest", "healing_curve", "CurveRequest",
+           "D2MError"]

@@ -75,7 +75,7 @@ class MatrixRequest:
     calibration: Path | None = None
     ctx: int = 512
     chunks: int = 8                       # WikiText-2 test chunks of `ctx` tokens per row
-    heal: HealSettings = field(default_factory=lambda: HealSettings(minutes=3))
+    heal: HealSettings = field(default_factory=lambda: HealSettings(tokens=30_000))   # about 3 min per variant
     deep_depth: int = 2048                # the second decode timing's context depth
     n_prompt: int = 128
     n_gen: int = 64
@@ -97,7 +97,7 @@ def quick_request(hf_dir: Path, **kw) -> MatrixRequest:
     """`make bench QUICK=1`: dense + the hand-written LF-UC plan (unhealed), three quant types, few chunks."""
     plan = REPO / "examples" / "plans" / "smollm2-all-kinds.json"
     base = dict(variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=plan, label="lfuc-plan")),
-                quants=("F16", "Q4_0", "phone-i8mm"), chunks=3, heal=HealSettings(minutes=0), deep_depth=512,
+                quants=("F16", "Q4_0", "phone-i8mm"), chunks=3, heal=HealSettings(tokens=0), deep_depth=512,
                 n_prompt=64, n_gen=32, repetitions=2, deep_repetitions=2, imatrix_chunks=8, qemu_max_rows=1,
                 qemu_quants=("phone-i8mm",), title="d2m quantization matrix (QUICK)")
     base.update(kw)
@@ -105,9 +105,10 @@ def quick_request(hf_dir: Path, **kw) -> MatrixRequest:
 
 
 def full_request(hf_dir: Path, **kw) -> MatrixRequest:
-    """The default matrix: dense, pruned baselines and LF-UC at two sizes (3-minute healing), every quant type."""
-    variants = (MatrixVariant("dense"), MatrixVariant("prune", 4), MatrixVariant("lfuc", 4),
-                MatrixVariant("prune", 8), MatrixVariant("lfuc", 8))
+    """The default matrix: dense, the pruning baseline and LF-UC at 8 (30k healing tokens each), every quant type.
+
+    Sized to stay under 45 minutes on 2 cores; other sizes and methods: `d2m bench lfuc` / `curve`."""
+    variants = (MatrixVariant("dense"), MatrixVariant("prune", 8), MatrixVariant("lfuc", 8))
     base = dict(variants=variants)
     base.update(kw)
     return MatrixRequest(hf_dir=hf_dir, **base)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,11 +25,11 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .errors import D2MError
 from .ggufout import OutType
 from .heal import (BlockLocalConfig, Budget, E2EConfig, StageLog, TeacherCache, block_local_distill, block_spans,
-                   distill_e2e, fit_routers, trained_blocks)
+                   RouterFitConfig, distill_e2e, fit_routers, trained_blocks)
 from .atomic import check_output_path
 from .hybrid_export import export_hybrid, hybrid_tensors
 from .model import HybridModel
-from .plan import FusionPlan, identity_plan, load_plan, plan_summary, validate_plan
+from .plan import FusionPlan, identity_plan, load_plan, plan_summary
 from .planner import PlanRequest, choose_plan
 from .spec import DenseSpec, load_dense_spec
 from .upcycle import upcycle
@@ -39,16 +40,19 @@ log = logging.getLogger("d2m")
 
 @dataclass
 class HealSettings:
-    """The healing budget. The default finishes in minutes on SmolLM2-135M with 2 CPU cores."""
+    """The healing budget. The default (100k tokens: 60k block-local, 40k end-to-end) takes about
+    9 minutes on SmolLM2-135M with 2 idle CPU cores. A token budget drives the learning-rate schedule,
+    so the result does not depend on the machine's speed; `minutes` is only a stop."""
 
-    minutes: float = 10.0
-    tokens: int | None = None
+    tokens: int | None = 100_000
+    minutes: float | None = None
     block_local_fraction: float = 0.6   # of the budget; the rest is end-to-end distillation
     ctx: int = 256
     max_chunks: int | None = None       # calibration sequences used (None: the whole text)
     block_local_sequences: int = 192    # teacher activations cached for block-local distillation (ctx each)
     block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    seed: int = 0                       # router fit (its held-out split and draws)
 
     @property
     def enabled(self) -> bool:
@@ -57,6 +61,19 @@ class HealSettings:
     def stage_budget(self, fraction: float) -> Budget:
         return Budget(tokens=int(self.tokens * fraction) if self.tokens else None,
                       minutes=self.minutes * fraction if self.minutes else None)
+
+    def cached_sequences(self) -> int:
+        """Teacher sequences to cache for block-local distillation: `block_local_sequences`, or fewer when the
+        block-local token budget would not read them all (the cache costs a teacher forward per sequence)."""
+        n = self.block_local_sequences
+        if self.tokens:
+            n = min(n, max(8, math.ceil(self.tokens * self.block_local_fraction / self.ctx)))
+        return n
+
+    def seeded(self, seed: int) -> "HealSettings":
+        """These settings with every stage drawing from `seed`."""
+        return replace(self, seed=seed, block_local=replace(self.block_local, seed=seed),
+                       e2e=replace(self.e2e, seed=seed))
 
 
 def calibration(hf_dir: Path, text: Path | None, ctx: int, max_chunks: int | None) -> torch.Tensor:
@@ -75,13 +92,13 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: tor
         spans = block_spans(plan)
         boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
         t = time.monotonic()
-        cached = chunks[:settings.block_local_sequences]
+        cached = chunks[:settings.cached_sequences()]
         cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
         log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
                  cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
         try:
             if plan.router_init == "fit":
-                fits = fit_routers(model, plan, cache)
+                fits = fit_routers(model, plan, cache, RouterFitConfig(seed=settings.seed))
                 for j, r in fits.items():
                     log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
                              r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
@@ -178,8 +195,7 @@ def run(req: ConvertRequest) -> dict:
     # every input is checked before any work and before anything is written
     plan = None
     if req.plan is not None:
-        plan = load_plan(req.plan, spec.n_layer)
-        validate_plan(plan, str(req.plan), n_ff=spec.n_ff)
+        plan = load_plan(req.plan, spec.n_layer, spec.n_ff)
     chunks = None
     if (plan is None and req.scores is None) or req.heal.enabled:
         chunks = calibration(req.hf_dir, req.text, req.heal.ctx, req.heal.max_chunks)
@@ -216,7 +232,7 @@ def run(req: ConvertRequest) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     healing = None
     if req.heal.enabled:
-        logs = heal(model, teacher, plan, chunks, req.heal, work, progress=req.progress)
+        logs = heal(model, teacher, plan, chunks, req.heal.seeded(req.seed), work, progress=req.progress)
         healing = {"minutes": req.heal.minutes, "tokens_budget": req.heal.tokens,
                    "block_local_fraction": req.heal.block_local_fraction,
                    "stages": [{"stage": s.stage, "tokens": s.tokens, "seconds": round(s.seconds, 1),
@@ -228,7 +244,7 @@ def run(req: ConvertRequest) -> dict:
             healing["expert_usage"] = {str(j): [round(u, 3) for u in v] for j, v in usage.items()}
         (work / "heal.json").write_text(json.dumps(healing, indent=1) + "\n", encoding="utf-8")
     elif plan.router_init == "fit" and any(b.moe for b in plan.blocks):
-        log.warning("router_init 'fit' without healing: routers stay at their random initialisation")
+        log.warning("router_init 'fit' without healing: routers keep their host initialisation (the pruned model)")
     summary["healing"] = healing
 
     if req.save_hf:

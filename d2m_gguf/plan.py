@@ -228,8 +228,9 @@ def validate_plan(plan: FusionPlan, where: str = "plan", n_layer: int | None = N
             raise D2MError(f"{where}: mlp of layer {s} is used {count} times (declare it in 'shared')")
 
 
-def load_plan(path: Path, n_layer: int | None = None) -> FusionPlan:
-    """Read a plan file (JSON, or YAML by extension) and validate it, against `n_layer` if given."""
+def load_plan(path: Path, n_layer: int | None = None, n_ff: int | None = None) -> FusionPlan:
+    """Read a plan file (JSON, or YAML by extension) and validate it, against the model's `n_layer` and
+    FFN width `n_ff` (which every split must divide) when given."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -247,7 +248,7 @@ def load_plan(path: Path, n_layer: int | None = None) -> FusionPlan:
         except json.JSONDecodeError as e:
             raise D2MError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     plan = parse_plan(doc, str(path))
-    validate_plan(plan, str(path), n_layer)
+    validate_plan(plan, str(path), n_layer, n_ff)
     return plan
 
 

@@ -159,7 +159,7 @@ def tiny_matrix(tiny_llama, llama, wikitext, calibration_text, tmp_path_factory)
         hf_dir=tiny_llama,
         variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=TINY_PLAN, label="lfuc-plan")),
         quants=("F16", "phone-i8mm", "BOGUS"), wikitext=wikitext, calibration=calibration_text, ctx=128, chunks=2,
-        heal=HealSettings(minutes=0), deep_depth=64, n_prompt=16, n_gen=8, repetitions=1, deep_repetitions=1,
+        heal=HealSettings(tokens=0), deep_depth=64, n_prompt=16, n_gen=8, repetitions=1, deep_repetitions=1,
         imatrix_chunks=2, qemu_quants=(), results=tmp_path_factory.mktemp("results"), llama=llama)
     return run_matrix(req)
 
@@ -213,6 +213,25 @@ def test_pareto_front():
     from d2m_gguf.matrix import pareto_front
     pts = [(10, 5.0), (20, 6.0), (15, 7.0), (5, 4.0), (20, 5.5)]
     assert sorted(pareto_front(pts)) == [0, 3, 4]
+
+
+def test_healing_curve_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
+    """`d2m bench curve`: rows per (budget, method), equal healing tokens per budget, and at budget 0 LF-UC is the
+    pruned model (host routing), so their perplexities agree."""
+    from d2m_gguf.bench import CurveRequest, healing_curve
+    from d2m_gguf.ggufout import OutType
+
+    out = healing_curve(CurveRequest(hf_dir=tiny_llama, fuse=1, budgets=(0, 2048), outtype=OutType.F32,
+                                     wikitext=wikitext, ctx=128, chunks=2, results=tmp_path, progress=False), llama)
+    with open(out / "curve.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], int(r["budget_tokens"])) for r in rows] == [
+        ("lfuc", 0), ("prune", 0), ("lfuc", 2048), ("prune", 2048)]
+    by = {(r["method"], int(r["budget_tokens"])): r for r in rows}
+    assert float(by["lfuc", 0]["ppl"]) == pytest.approx(float(by["prune", 0]["ppl"]), rel=1e-3)
+    assert int(by["lfuc", 2048]["heal_tokens"]) == int(by["prune", 2048]["heal_tokens"]) >= 2048
+    assert float(by["lfuc", 2048]["ppl"]) != float(by["lfuc", 0]["ppl"])
+    assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 @pytest.mark.slow

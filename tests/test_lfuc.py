@@ -137,7 +137,7 @@ def test_end_to_end_distillation_lowers_kl_and_resumes(tiny_dirs, calibration_te
 
 def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, llama, tmp_path):
     out = tmp_path / "tiny-lfuc.gguf"
-    proc = run_cli("convert.py", tiny_dirs["qwen2"], out, "--fuse", "2", "--split", "2", "--heal-minutes", "0.3",
+    proc = run_cli("convert.py", tiny_dirs["qwen2"], out, "--fuse", "2", "--split", "2", "--heal-tokens", "8192",
                    "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert validate_gguf(out) == []
@@ -194,7 +194,7 @@ def test_healing_improves_smollm2(smollm2_dir, calibration_text, wikitext, tmp_p
     tok = Tokenizer(smollm2_dir)
     evaluation = token_chunks(tok.encode(wikitext.read_text(encoding="utf-8")[:40000]), 256, 6, tok.bos)
     before = perplexity(model, evaluation)
-    settings = HealSettings(minutes=2.0, max_chunks=96)
+    settings = HealSettings(tokens=20_000, max_chunks=96)
     heal(model, teacher, plan, chunks_of(smollm2_dir, calibration_text, 256, 96), settings, tmp_path, progress=False)
     after = perplexity(model, evaluation)
     assert after < 0.95 * before, (before, after)
