@@ -79,17 +79,18 @@ def test_killed_conversion_keeps_the_previous_output(smollm2_dir, tiny_dirs, tmp
 
 # -- determinism ------------------------------------------------------------------------------------
 
-def _lfuc(src: Path, text: Path, out: Path, heal_tokens: int = 3072) -> bytes:
+def _lfuc(src: Path, text: Path, out: Path, heal_tokens: int = 3072, seed: int = 0) -> bytes:
     out.parent.mkdir()
     proc = run_cli("convert.py", src, out, "--fuse", "1", "--split", "2", "--heal-tokens", heal_tokens, "--text", text,
-                   "--ctx", "64", "--outtype", "f32", "--seed", "0", "--quiet")
+                   "--ctx", "64", "--outtype", "f32", "--seed", seed, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out.read_bytes()
 
 
 def test_same_input_plan_and_seed_give_the_same_bytes(tiny_dirs, calibration_text, tmp_path):
     """The whole LF-UC job (analysis, planning, upcycling, both healing stages at a token budget, export)
-    twice: byte-identical GGUFs. A third run with another healing budget differs (the comparison can fail)."""
+    twice: byte-identical GGUFs. Runs with another healing budget, or another seed, differ (the comparison
+    can fail, and the seed reaches every stage)."""
     text = tmp_path / "calibration.txt"
     text.write_text(calibration_text.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     src = tiny_dirs["mistral"]
@@ -101,6 +102,8 @@ def test_same_input_plan_and_seed_give_the_same_bytes(tiny_dirs, calibration_tex
     assert a == b, "two runs with the same input, plan and seed wrote different files"
     c = _lfuc(src, text, tmp_path / "c" / "m.gguf", heal_tokens=1536)
     assert c != a
+    d = _lfuc(src, text, tmp_path / "d" / "m.gguf", seed=1)
+    assert d != a
 
 
 # -- validate lists every problem ---------------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_healing_improves_smollm2(smollm2_dir, calibration_text, wikitext, tmp_p
     tok = Tokenizer(smollm2_dir)
     evaluation = token_chunks(tok.encode(wikitext.read_text(encoding="utf-8")[:40000]), 256, 6, tok.bos)
     before = perplexity(model, evaluation)
-    settings = HealSettings(tokens=20_000, max_chunks=96)
+    settings = HealSettings(tokens=40_000, max_chunks=96)
     heal(model, teacher, plan, chunks_of(smollm2_dir, calibration_text, 256, 96), settings, tmp_path, progress=False)
     after = perplexity(model, evaluation)
     assert after < 0.95 * before, (before, after)
