@@ -200,12 +200,13 @@ def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
     rows = []
     for tokens in req.budgets:
         heal = HealSettings(tokens=tokens)
-        budget_dir = work / f"heal-{tokens}"
-        budget_dir.mkdir(parents=True, exist_ok=True)
+        budget_dir, log_dir = work / f"heal-{tokens}", out_dir / f"heal-{tokens}"
+        for d in (budget_dir, log_dir):
+            d.mkdir(parents=True, exist_ok=True)
         for method in req.methods:
             v = Variant(method, req.fuse)
             f = build_variant(v, req.hf_dir, budget_dir, req.outtype, heal, req.scores, req.progress)
-            ppl = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=out_dir)
+            ppl = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=log_dir)
             spent = healing_spent(budget_dir / f"{v.name}.d2m") if tokens else {"tokens": 0, "minutes": 0.0}
             rows.append({"variant": v.name, "method": method, "fuse": req.fuse, "budget_tokens": tokens,
                          "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
