@@ -207,7 +207,7 @@ def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
             v = Variant(method, req.fuse)
             f = build_variant(v, req.hf_dir, budget_dir, req.outtype, heal, req.scores, req.progress)
             ppl = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=log_dir)
-            spent = healing_spent(budget_dir / f"{v.name}.d2m") if tokens else {"tokens": 0, "minutes": 0.0}
+            spent = healing_spent(budget_dir / f"{v.name}.d2m")
             rows.append({"variant": v.name, "method": method, "fuse": req.fuse, "budget_tokens": tokens,
                          "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
                          "ppl_vs_dense": round(ppl / dense_ppl, 3)})

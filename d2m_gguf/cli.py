@@ -125,6 +125,13 @@ heal_options = [
 ]
 
 
+def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, **kw):
+    from .pipeline import HealSettings
+
+    return HealSettings(minutes=0 if no_heal else heal_minutes, tokens=None if no_heal else heal_tokens,
+                        block_local_fraction=block_local_fraction, **kw)
+
+
 @main.command("convert")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
@@ -183,15 +190,14 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
 
     from dataclasses import replace
 
-    from .pipeline import ConvertRequest, HealSettings, run
+    from .pipeline import ConvertRequest, run
 
     if plan_path is None and fuse is None and target_speedup is None and max_bytes_per_token is None:
         fuse = 8
     request = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware)
     if router_init:
         request = replace(request, router_init=router_init)
-    heal = HealSettings(minutes=0 if no_heal else heal_minutes, tokens=None if no_heal else heal_tokens,
-                        block_local_fraction=block_local_fraction, ctx=ctx)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, ctx=ctx)
     summary = run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
                                  request=request, device=device, text=text, heal=heal, work_dir=work_dir,
                                  save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
@@ -346,18 +352,24 @@ def bench() -> None:
     """Benchmarks with the patched llama.cpp (quality with llama-perplexity, speed with llama-bench)."""
 
 
+# shared by the commands that build and compare method variants (bench lfuc, bench curve)
+variant_bench_options = [
+    click.option("--methods", default="lfuc,prune", show_default=True, help="Methods to compare (plus dense)."),
+    click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True),
+    click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`."),
+    click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True),
+    click.option("--quiet", is_flag=True, help="No progress bars."),
+]
+
+
 @bench.command("lfuc")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.option("--sizes", default="4,6,8", show_default=True, help="Fused groups / removed layers per variant.")
-@click.option("--methods", default="lfuc,prune", show_default=True, help="Methods to compare (plus dense).")
-@click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True)
+@with_options(variant_bench_options)
 @with_options(heal_options)
 @click.option("--ctx", type=int, default=512, show_default=True, help="llama-perplexity context.")
 @click.option("--chunks", type=int, default=None, help="WikiText chunks (default: the whole test set).")
 @click.option("--depth", type=int, default=0, show_default=True, help="Context depth of the decode timing.")
-@click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 @user_errors
 def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, ctx, chunks,
@@ -365,10 +377,8 @@ def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block
     """LF-UC against equally healed pruning baselines at each size, and the dense model: ppl and decode speed."""
     from .bench import LfucTableRequest, lfuc_table
     from .ggufout import OutType
-    from .pipeline import HealSettings
 
-    heal = HealSettings(minutes=0 if no_heal else heal_minutes, tokens=None if no_heal else heal_tokens,
-                        block_local_fraction=block_local_fraction)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal)
     out = lfuc_table(LfucTableRequest(hf_dir=hf_dir, sizes=tuple(int(s) for s in sizes.split(",")),
                                       methods=tuple(methods.split(",")), outtype=OutType(outtype), heal=heal,
                                       ctx=ctx, chunks=chunks, depth=depth, scores=scores, results=results,
@@ -380,13 +390,9 @@ def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block
 @bench.command("curve")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.option("--fuse", type=int, default=8, show_default=True, help="Fused groups / removed layers.")
-@click.option("--methods", default="lfuc,prune", show_default=True, help="Methods to compare (plus dense).")
+@with_options(variant_bench_options)
 @click.option("--budgets", default="0,25000,50000,100000", show_default=True, help="Healing-token budgets.")
-@click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True)
 @click.option("--chunks", type=int, default=40, show_default=True, help="WikiText chunks of 512 tokens.")
-@click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 @user_errors
 def bench_curve(hf_dir, fuse, methods, budgets, outtype, chunks, scores, results, quiet, verbose) -> None:
