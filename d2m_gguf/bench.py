@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from .costmodel import gguf_cost, get_device, load_devices
 from .errors import D2MError
 from .ggufout import OutType
-from .llamacpp import LlamaCpp
+from .llamacpp import LlamaCpp, chunk_nlls, paired_log_ratio
 from .pipeline import ConvertRequest, HealSettings, run
 from .planner import PlanRequest
 
@@ -42,7 +43,9 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     """The variant's GGUF (reused when already built with the same settings)."""
     out = work / f"{v.name}-{outtype.value}.gguf"
     stamp = out.with_suffix(".settings.json")
-    settings = json.dumps({"variant": asdict(v), "outtype": outtype.value, "heal": _heal_key(heal)}, sort_keys=True)
+    request = PlanRequest(method=v.method, fuse=v.fuse)
+    settings = json.dumps({"variant": asdict(v), "plan": repr(request), "outtype": outtype.value,
+                           "heal": _heal_key(heal)}, sort_keys=True)
     if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
         return out
     t = time.monotonic()
@@ -50,8 +53,7 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
         from .dense_export import export_dense
         export_dense(hf_dir, out, outtype, progress=progress)
     else:
-        run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=outtype, scores=scores,
-                           request=PlanRequest(method=v.method, fuse=v.fuse), heal=heal,
+        run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=outtype, scores=scores, request=request, heal=heal,
                            work_dir=work / f"{v.name}.d2m", progress=progress))
     stamp.write_text(settings)
     log.info("built %s in %.1f min", out.name, (time.monotonic() - t) / 60)
@@ -60,7 +62,7 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
 
 def _heal_key(heal: HealSettings) -> dict:
     return {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
-            "ctx": heal.ctx, "max_chunks": heal.max_chunks}
+            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
 
 
 @dataclass
@@ -96,11 +98,19 @@ def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (
 
 
 def wikitext_ppl(llama: LlamaCpp, model: Path, wikitext: Path, ctx: int, chunks: int | None,
-                 log_dir: Path | None = None) -> float:
+                 log_dir: Path | None = None) -> tuple[float, list[float]]:
+    """llama-perplexity's estimate and the mean NLL of each chunk (for paired comparisons)."""
     ppl, text = llama.perplexity(model, wikitext, ctx=ctx, chunks=chunks)
     if log_dir is not None:
         (log_dir / f"ppl-{model.stem}.log").write_text(text)
-    return ppl
+    return ppl, chunk_nlls(text)
+
+
+def versus(nlls: list[float], baseline: list[float]) -> dict:
+    """ppl ratio to a baseline scored on the same chunks, with the paired standard error of its log; `wins`
+    when the ratio is below 1 by more than two standard errors."""
+    mean, se = paired_log_ratio(nlls, baseline)
+    return {"ratio": round(math.exp(mean), 4), "se": round(se, 4), "wins": mean + 2 * se < 0}
 
 
 @dataclass
@@ -126,7 +136,7 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     llama = llama or LlamaCpp.default()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(req.results) / f"lfuc-{stamp}"
-    work = Path(req.results) / "work"
+    work = budget_work_dir(req.results, req.heal)
     for d in (out_dir, work):
         d.mkdir(parents=True, exist_ok=True)
     variants = [Variant("dense")] + [Variant(m, n) for n in req.sizes for m in req.methods]
@@ -138,11 +148,11 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     host = get_device("host")
     phone = load_devices()["phone-i8mm"]
     dense_cost = gguf_cost(files[variants[0]], depth=req.depth)
-    rows = []
+    rows, nlls = [], {}
     for v in variants:
         f = files[v]
         cost = gguf_cost(f, depth=req.depth)
-        ppl = wikitext_ppl(llama, f, req.wikitext or DEFAULT_EVAL, req.ctx, req.chunks, log_dir=out_dir)
+        ppl, nlls[v] = wikitext_ppl(llama, f, req.wikitext or DEFAULT_EVAL, req.ctx, req.chunks, log_dir=out_dir)
         s = speed[(f.name, req.depth)]
         healed = healing_spent(work / f"{v.name}.d2m")
         rows.append({
@@ -155,9 +165,17 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
             "predicted_tps_phone": round(cost.tokens_per_s(phone), 1),
         })
     dense = rows[0]
-    for r in rows:
+    for v, r in zip(variants, rows):
         r["ppl_vs_dense"] = round(r["ppl"] / dense["ppl"], 3)
         r["measured_speedup"] = round(r["decode_ts"] / dense["decode_ts"], 3)
+        # each method against the pruning baseline of the same size, chunk by chunk
+        prune = Variant("prune", v.fuse)
+        if v.method not in ("dense", "prune") and prune in nlls:
+            vs = versus(nlls[v], nlls[prune])
+            r["ppl_vs_prune"] = f"{vs['ratio']:.4f} ± {vs['se']:.4f}"
+            r["beats_prune"] = "yes" if vs["wins"] else "no"
+        else:
+            r["ppl_vs_prune"], r["beats_prune"] = "", ""
     _write_table(rows, out_dir / "lfuc", title=f"LF-UC vs baselines ({req.outtype.value}, WikiText-2 test ctx {req.ctx}"
                  f"{'' if req.chunks is None else f', {req.chunks} chunks'}; decode at depth {req.depth})")
     (out_dir / "settings.json").write_text(json.dumps({"heal": _heal_key(req.heal), "sizes": req.sizes,
@@ -173,7 +191,7 @@ class CurveRequest:
     hf_dir: Path
     fuse: int = 8
     methods: tuple[str, ...] = ("lfuc", "prune")
-    budgets: tuple[int, ...] = (0, 25_000, 50_000, 100_000)     # healing tokens
+    budgets: tuple[int, ...] = (0, 160_000, 640_000, 1_280_000)   # healing tokens (the default is 640k)
     outtype: OutType = OutType.Q8_0
     wikitext: Path | None = None
     ctx: int = 512
@@ -196,17 +214,17 @@ def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
     text = req.wikitext or DEFAULT_EVAL
     dense_file = build_variant(Variant("dense"), req.hf_dir, work, req.outtype, HealSettings(tokens=0), None,
                                req.progress)
-    dense_ppl = wikitext_ppl(llama, dense_file, text, req.ctx, req.chunks, log_dir=out_dir)
+    dense_ppl, _ = wikitext_ppl(llama, dense_file, text, req.ctx, req.chunks, log_dir=out_dir)
     rows = []
     for tokens in req.budgets:
         heal = HealSettings(tokens=tokens)
-        budget_dir, log_dir = work / f"heal-{tokens}", out_dir / f"heal-{tokens}"
+        budget_dir, log_dir = budget_work_dir(req.results, heal), out_dir / f"heal-{tokens}"
         for d in (budget_dir, log_dir):
             d.mkdir(parents=True, exist_ok=True)
         for method in req.methods:
             v = Variant(method, req.fuse)
             f = build_variant(v, req.hf_dir, budget_dir, req.outtype, heal, req.scores, req.progress)
-            ppl = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=log_dir)
+            ppl, _ = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=log_dir)
             spent = healing_spent(budget_dir / f"{v.name}.d2m")
             rows.append({"variant": v.name, "method": method, "fuse": req.fuse, "budget_tokens": tokens,
                          "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
@@ -237,6 +255,12 @@ def plot_curve(rows: list[dict], dense_ppl: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def budget_work_dir(results: Path, heal: HealSettings) -> Path:
+    """Where variants healed with `heal` are built: one folder per token budget, shared by `bench lfuc` and
+    `bench curve` (a variant is rebuilt only when its settings stamp differs)."""
+    return Path(results) / "work" / f"heal-{heal.tokens or 0}"
 
 
 def healing_spent(work_dir: Path) -> dict:

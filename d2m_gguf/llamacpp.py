@@ -7,6 +7,7 @@ checkout (where `make llama` puts them). `wrapper` runs them through an emulator
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -67,14 +68,15 @@ class LlamaCpp:
 
     def perplexity(self, model: Path, text_file: Path, ctx: int = 512, chunks: int | None = None,
                    batch: int | None = None, extra: Sequence[str] = ()) -> tuple[float, str]:
-        """WikiText-style perplexity from `llama-perplexity` (its final estimate) and its log."""
+        """WikiText-style perplexity from `llama-perplexity` (its final estimate) and its log (the running
+        per-chunk estimates, then the loader's messages: `chunk_nlls` reads the first)."""
         args = ["-m", model, "-f", text_file, "-c", ctx, "-t", self.threads, *extra]
         if chunks:
             args += ["--chunks", chunks]
         if batch:
             args += ["-b", batch, "-ub", batch]
         proc = self.run("llama-perplexity", args)
-        return parse_perplexity(proc.stdout + proc.stderr), proc.stderr
+        return parse_perplexity(proc.stdout + proc.stderr), proc.stdout + proc.stderr
 
     def complete(self, model: Path, prompt: str, n: int = 24, extra: Sequence[str] = ()) -> tuple[str, str]:
         """Greedy completion text from `llama-completion`, and its log."""
@@ -96,6 +98,31 @@ def parse_perplexity(log: str) -> float:
     if not m:
         raise D2MError("llama-perplexity printed no final estimate")
     return float(m.group(1))
+
+
+_RUNNING_PPL = re.compile(r"\[(\d+)\]([0-9.]+),")
+
+
+def chunk_nlls(log: str) -> list[float]:
+    """Mean NLL of each chunk, recovered from llama-perplexity's running estimates `[i]ppl_i`, where
+    ln ppl_i is the mean NLL of chunks 1..i: nll_i = i ln ppl_i - (i - 1) ln ppl_(i-1). Two models scored on
+    the same chunks can then be compared chunk by chunk (`paired_log_ratio`)."""
+    running = [(int(i), math.log(float(v))) for i, v in _RUNNING_PPL.findall(log)]
+    if not running or [i for i, _ in running] != list(range(1, len(running) + 1)):
+        raise D2MError("llama-perplexity printed no running per-chunk estimates")
+    return [i * m - (i - 1) * prev for (i, m), prev in zip(running, [0.0] + [m for _, m in running[:-1]])]
+
+
+def paired_log_ratio(a: list[float], b: list[float]) -> tuple[float, float]:
+    """ln(ppl_a / ppl_b) over the chunks both scored, and its standard error from the chunk-to-chunk spread of
+    the differences: much tighter than either perplexity's own ± (the text's difficulty varies per chunk and
+    cancels in the difference)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise D2MError(f"paired comparison needs the same chunks (>= 2), got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
 
 
 @dataclass(frozen=True)

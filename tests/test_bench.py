@@ -266,3 +266,22 @@ def test_bench_adb_without_a_device_says_so(tmp_path):
     else:
         assert "adb is not installed" in said
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chunk_nlls_and_the_paired_comparison():
+    """Per-chunk NLLs come back from llama-perplexity's running estimates, and the paired standard error sees a
+    consistent small gain that the two perplexities' own spreads would hide."""
+    import math
+
+    from d2m_gguf.bench import versus
+    from d2m_gguf.llamacpp import chunk_nlls
+
+    base = [2.0, 3.5, 2.5, 4.0, 3.0, 2.2]
+    running = lambda nll: ",".join(f"[{i + 1}]{math.exp(sum(nll[:i + 1]) / (i + 1)):.4f}" for i in range(len(nll))) + ","
+    assert chunk_nlls("noise\n" + running(base) + "\nFinal estimate") == pytest.approx(base, abs=1e-3)
+    better = [x - 0.02 + 0.002 * (-1) ** i for i, x in enumerate(base)]
+    vs = versus(chunk_nlls(running(better)), chunk_nlls(running(base)))
+    assert vs["ratio"] == pytest.approx(math.exp(-0.02), abs=2e-4) and vs["wins"]
+    assert not versus(chunk_nlls(running(base)), chunk_nlls(running(better)))["wins"]
+    with pytest.raises(D2MError):
+        chunk_nlls("no estimates here")
