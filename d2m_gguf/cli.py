@@ -103,33 +103,41 @@ plan_options = [
                  help="Experts cut from each source MLP [default: 1 for lfuc (whole MLPs, top-1), 6 for upcycle]."),
     click.option("--top-k", type=int, default=None, help="Experts per token [default: split]."),
     click.option("--depth-aware", is_flag=True, help="lfuc: also drop attention alone where that is cheaper."),
+    click.option("--attach", type=click.Choice(["nearest", "before"]), default="nearest", show_default=True,
+                 help="lfuc: a removed layer's MLP joins the nearest kept layer on either side, or the one before."),
 ]
 
 
-def _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware):
+def _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach):
     from .planner import PlanRequest
 
     return PlanRequest(method=method, fuse=fuse, target_speedup=target_speedup, max_bytes_per_token=max_bytes_per_token,
-                       depth=depth, split=split, top_k=top_k, depth_aware=depth_aware)
+                       depth=depth, split=split, top_k=top_k, depth_aware=depth_aware, attach=attach)
 
 
 heal_options = [
-    click.option("--heal-tokens", type=int, default=100_000, show_default=True,
-                 help="Healing budget in tokens (block-local then end-to-end distillation); about 9 minutes on "
-                      "SmolLM2-135M with 2 cores. It drives the schedule, so the result is reproducible."),
+    click.option("--heal-tokens", type=int, default=None,
+                 help="Healing budget in tokens [default: 640000: 600k of block-local distillation, cheap since only "
+                      "the fused blocks run, then 40k end-to-end; about 8 minutes for SmolLM2-135M --fuse 8 on 2 "
+                      "cores]. It drives the schedule, so the result is reproducible."),
     click.option("--heal-minutes", type=float, default=None,
                  help="A time limit on healing (whichever ends first; alone, 0 tokens: a time budget)."),
-    click.option("--block-local-fraction", type=float, default=0.6, show_default=True,
-                 help="Share of the budget for block-local distillation; the rest is end-to-end."),
+    click.option("--block-local-fraction", type=float, default=None,
+                 help="Share of the budget for block-local distillation; the rest is end-to-end [default: 0.9375]."),
     click.option("--no-heal", is_flag=True, help="Skip healing (routers keep their initialisation)."),
+    click.option("--heal-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+                 help="Matmul precision of healing (weights stay fp32); auto: bf16 where the hardware has it."),
 ]
 
 
-def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, **kw):
+def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, **kw):
+    """HealSettings from the heal options; an option not given keeps the HealSettings default."""
     from .pipeline import HealSettings
 
-    return HealSettings(minutes=0 if no_heal else heal_minutes, tokens=None if no_heal else heal_tokens,
-                        block_local_fraction=block_local_fraction, **kw)
+    given = {"minutes": 0 if no_heal else heal_minutes, "tokens": 0 if no_heal else heal_tokens,
+             "block_local_fraction": block_local_fraction, **kw}
+    settings = HealSettings(**{k: v for k, v in given.items() if v is not None})
+    return settings if heal_precision == "auto" else settings.with_precision(heal_precision)
 
 
 @main.command("convert")
@@ -159,8 +167,8 @@ def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, **k
 @verbose_option
 @user_errors
 def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores: Path | None, method, fuse,
-            target_speedup, max_bytes_per_token, depth, device, split, top_k, depth_aware, heal_minutes, heal_tokens,
-            block_local_fraction, no_heal, text, ctx, outtype: str, router_init: str | None, seed: int,
+            target_speedup, max_bytes_per_token, depth, device, split, top_k, depth_aware, attach, heal_minutes,
+            heal_tokens, block_local_fraction, no_heal, heal_precision, text, ctx, outtype: str, router_init: str | None, seed: int,
             work_dir: Path | None, pre_tokenizer: str | None, save_hf: Path | None, student: Path | None, quiet: bool,
             verbose: bool) -> None:
     """Convert HF_DIR (a Hugging Face checkpoint) to OUT (a GGUF).
@@ -194,10 +202,10 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
 
     if plan_path is None and fuse is None and target_speedup is None and max_bytes_per_token is None:
         fuse = 8
-    request = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware)
+    request = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach)
     if router_init:
         request = replace(request, router_init=router_init)
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, ctx=ctx)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, ctx=ctx)
     summary = run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
                                  request=request, device=device, text=text, heal=heal, work_dir=work_dir,
                                  save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
@@ -284,7 +292,7 @@ def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int, chunks: int, output: 
 @verbose_option
 @user_errors
 def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, max_bytes_per_token, depth, device,
-             split, top_k, depth_aware, text, ctx, output: Path, verbose: bool) -> None:
+             split, top_k, depth_aware, attach, text, ctx, output: Path, verbose: bool) -> None:
     """Make a fusion plan for HF_DIR that meets a speed target, and print its predicted speedup."""
     from .analysis import LayerScores, analyze
     from .pipeline import calibration
@@ -299,7 +307,7 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
     else:
         _, _, model = _dense_reference(hf_dir)
         layer_scores = analyze(model, calibration(hf_dir, text, ctx, 32), source=hf_dir.name)
-    req = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware)
+    req = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach)
     dev = get_device(device)
     choice = choose_plan(spec, layer_scores, req, dev)
     choice.plan.save(output)
@@ -319,12 +327,15 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
 @click.option("--batch", type=int, default=4, show_default=True, help="Sequences per step (per process).")
 @click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of KL(teacher || student).")
 @click.option("--lm-weight", type=float, default=0.1, show_default=True, help="Weight of the next-token loss.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Matmul precision (weights stay fp32); auto: bf16 on GPUs and CPUs with native bf16.")
 @with_options(calibration_options)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 @user_errors
 def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: int | None, lr: float, batch: int,
-             kd_weight: float, lm_weight: float, text: Path | None, ctx: int, quiet: bool, verbose: bool) -> None:
+             kd_weight: float, lm_weight: float, precision: str, text: Path | None, ctx: int, quiet: bool,
+             verbose: bool) -> None:
     """End-to-end distillation of STUDENT (an upcycled checkpoint from `convert --save-hf`) into OUT.
 
     \b
@@ -333,14 +344,15 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
     It checkpoints to OUT/checkpoint.pt and resumes from it; write the result with
     `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`.
     """
-    from .heal import Budget, E2EConfig
+    from .heal import Budget, E2EConfig, default_precision
     from .pipeline import HealRequest, heal_checkpoint
 
     if not minutes and not tokens:
         raise D2MError("give a budget: --minutes and/or --tokens")
     stage = heal_checkpoint(HealRequest(student=student, teacher=teacher, out=out,
                                         budget=Budget(tokens=tokens, minutes=minutes or None), text=text, ctx=ctx,
-                                        e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight),
+                                        e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight,
+                                                      precision=default_precision() if precision == "auto" else precision),
                                         progress=not quiet))
     last = stage.rows[-1] if stage.rows else {}
     click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
@@ -372,13 +384,13 @@ variant_bench_options = [
 @click.option("--depth", type=int, default=0, show_default=True, help="Context depth of the decode timing.")
 @verbose_option
 @user_errors
-def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, ctx, chunks,
-               depth, scores, results, quiet, verbose) -> None:
+def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision,
+               ctx, chunks, depth, scores, results, quiet, verbose) -> None:
     """LF-UC against equally healed pruning baselines at each size, and the dense model: ppl and decode speed."""
     from .bench import LfucTableRequest, lfuc_table
     from .ggufout import OutType
 
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision)
     out = lfuc_table(LfucTableRequest(hf_dir=hf_dir, sizes=tuple(int(s) for s in sizes.split(",")),
                                       methods=tuple(methods.split(",")), outtype=OutType(outtype), heal=heal,
                                       ctx=ctx, chunks=chunks, depth=depth, scores=scores, results=results,
@@ -391,7 +403,8 @@ def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.option("--fuse", type=int, default=8, show_default=True, help="Fused groups / removed layers.")
 @with_options(variant_bench_options)
-@click.option("--budgets", default="0,25000,50000,100000", show_default=True, help="Healing-token budgets.")
+@click.option("--budgets", default="0,160000,640000,1280000", show_default=True,
+              help="Healing-token budgets (each split as --block-local-fraction's default says).")
 @click.option("--chunks", type=int, default=40, show_default=True, help="WikiText chunks of 512 tokens.")
 @verbose_option
 @user_errors
@@ -403,7 +416,7 @@ def bench_curve(hf_dir, fuse, methods, budgets, outtype, chunks, scores, results
     try:
         budget_list = tuple(int(b) for b in budgets.split(","))
     except ValueError:
-        raise D2MError(f"--budgets {budgets!r}: give comma-separated token counts, e.g. 0,25000,100000") from None
+        raise D2MError(f"--budgets {budgets!r}: give comma-separated token counts, e.g. 0,160000,640000") from None
     out = healing_curve(CurveRequest(hf_dir=hf_dir, fuse=fuse, methods=tuple(methods.split(",")), budgets=budget_list,
                                      outtype=OutType(outtype), chunks=chunks, scores=scores, results=results,
                                      progress=not quiet))
@@ -417,7 +430,7 @@ def bench_curve(hf_dir, fuse, methods, budgets, outtype, chunks, scores, results
 @click.option("--quants", default=None, help="Comma-separated quant types / recipes (default: all; see quant/).")
 @click.option("--chunks", type=int, default=None, help="WikiText-2 test chunks per row [default: 8, QUICK 3].")
 @click.option("--heal-tokens", type=int, default=None,
-              help="Healing budget of the variants in tokens [default: 30000, about 3 min each; QUICK 0].")
+              help="Healing budget of the variants in tokens [default: 320000, 2-4 min each; QUICK 0].")
 @click.option("--with-upcycle", is_flag=True, help="Add plain sparse upcycling rows (full matrix).")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @verbose_option

@@ -31,6 +31,29 @@ from .model import Block, HybridModel, MoEFFN, load_balance, rope_cos_sin
 from .plan import FusionPlan
 
 
+# -- training precision ----------------------------------------------------------------------
+
+def default_precision() -> str:
+    """`bf16` where the hardware multiplies bf16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): matmuls then
+    run about 2.3x faster on CPU (measured on SmolLM2-135M, 2 cores) while weights, optimiser state and losses
+    stay float32; `fp32` elsewhere, where emulated bf16 would be slower than float32."""
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "fp32"
+    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+
+
+def autocast(model: torch.nn.Module, precision: str):
+    """The autocast context of a training forward pass (`precision`: bf16 or fp32)."""
+    if precision not in ("bf16", "fp32"):
+        raise D2MError(f"unknown training precision {precision!r} (bf16 or fp32)")
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 # -- which source layers each block stands for ---------------------------------------------------
 
 def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
@@ -236,6 +259,7 @@ class BlockLocalConfig:
     weight_decay: float = 0.0
     log_every: int = 10
     seed: int = 0
+    precision: str = field(default_factory=default_precision)
 
 
 def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCache, budget: Budget,
@@ -261,8 +285,9 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
         for j in blocks:
             s, e = spans[j]
             x, y = cache.get(s, idx), cache.get(e, idx)
-            out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin)
-            rel = relative_error(out, y)
+            with autocast(model, cfg.precision):
+                out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin)
+            rel = relative_error(out.float(), y)
             loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
             loss.backward()
             loss_sum += loss.item()
@@ -312,6 +337,7 @@ class E2EConfig:
     log_every: int = 5
     checkpoint_every: int = 50
     seed: int = 0
+    precision: str = field(default_factory=default_precision)
 
 
 def _moe_balance(model: HybridModel) -> torch.Tensor:
@@ -353,9 +379,11 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
                leave=False, initial=tokens)
     while not budget.done(tokens, started, step):
         x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)].to(device)
-        with torch.no_grad():
-            t_logp = torch.log_softmax(teacher(x)[:, :-1].float(), dim=-1)
-        s_logp = torch.log_softmax(net(x)[:, :-1].float(), dim=-1)
+        with autocast(student, cfg.precision):
+            with torch.no_grad():
+                t_logp = torch.log_softmax(teacher(x)[:, :-1].float(), dim=-1)
+            s_logits = net(x)[:, :-1]
+        s_logp = torch.log_softmax(s_logits.float(), dim=-1)
         kd = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
         lm = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), x[:, 1:].reshape(-1))
         balance = _moe_balance(student)

@@ -177,12 +177,21 @@ class MoEFFN(nn.Module):
         u = round_activations(h, self.act.get("ffn_up_exps")) @ self.ffn_up_exps[e].T
         return round_activations(F.silu(g) * u, self.act.get("ffn_down_exps")) @ self.ffn_down_exps[e].T
 
+    straight_through = True
+
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probabilities [N, E], selected experts [N, k], their weights [N, k]) for tokens h [N, D]."""
-        probs = torch.softmax(self.ffn_gate_inp(h), dim=-1)
-        weights, selected = torch.topk(probs, self.n_expert_used, dim=-1)
+        """(probabilities [N, E], selected experts [N, k], their weights [N, k]) for tokens h [N, D].
+
+        Top-1 with renormalisation always weighs the chosen expert 1, so the loss would send the
+        router no gradient; in training the weight is p / stop_grad(p): still 1, with the
+        gradient of log p (straight through), so distillation can teach the router too."""
+        probs = torch.softmax(self.ffn_gate_inp(h).float(), dim=-1)
+        picked, selected = torch.topk(probs, self.n_expert_used, dim=-1)
+        weights = picked
         if self.normalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(_TOPK_SUM_MIN)
+            weights = picked / picked.sum(-1, keepdim=True).clamp_min(_TOPK_SUM_MIN)
+            if self.training and self.n_expert_used == 1 and self.straight_through:
+                weights = weights * picked / picked.detach()
         return probs, selected, weights
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -196,7 +205,7 @@ class MoEFFN(nn.Module):
         for e in range(self.ffn_gate_exps.shape[0]):
             rows, slot = torch.nonzero(selected == e, as_tuple=True)
             if rows.numel():
-                out.index_add_(0, rows, weights[rows, slot, None] * self.expert(e, h[rows]))
+                out.index_add_(0, rows, (weights[rows, slot, None] * self.expert(e, h[rows])).to(out.dtype))
         return out.reshape(shape)
 
 

@@ -42,6 +42,7 @@ class PlanRequest:
     top_k: int | None = None          # default: split (one MLP's worth of experts per token)
     depth_aware: bool = False
     router_init: str = "fit"
+    attach: str = "nearest"           # lfuc: host of a removed layer's MLP (plan_lfuc)
     weight_types: WeightTypes = WeightTypes()
 
 
@@ -56,24 +57,28 @@ def fused_layers(scores: LayerScores, n: int) -> list[int]:
 
 
 def plan_lfuc(n_layer: int, removed: list[int], attn_only: list[int], split: int, top_k: int,
-              router_init: str) -> FusionPlan:
+              router_init: str, attach: str = "before") -> FusionPlan:
+    """Each removed layer's MLP joins the experts of a kept layer: the nearest kept layer before it
+    (`attach="before"`), or the nearest on either side (`"nearest"`, ties before), which halves the
+    groups of a long run of removed layers and gives its tokens two routed choices instead of one."""
     removed_set = set(removed)
+    kept = [i for i in range(n_layer) if i not in removed_set]
+    guests: dict[int, list[int]] = {i: [] for i in kept}
+    for r in sorted(removed_set):
+        before = max(i for i in kept if i < r)
+        after = [i for i in kept if i > r]
+        host = after[0] if attach == "nearest" and after and after[0] - r < r - before else before
+        guests[host].append(r)
     blocks = []
-    for i in range(n_layer):
-        if i in removed_set:
-            continue
-        group = [i]
-        j = i + 1
-        while j in removed_set:
-            group.append(j)
-            j += 1
+    for i in kept:
         attention = None if i in attn_only else i
-        if len(group) == 1:
+        if not guests[i]:
             blocks.append(BlockPlan(attention, (i,), False))
         else:
-            blocks.append(BlockPlan(attention, tuple(group), True, min(top_k, split * len(group)), split))
+            group = (i, *guests[i])
+            blocks.append(BlockPlan(attention, group, True, min(top_k, split * len(group)), split))
     return FusionPlan(tuple(blocks), n_layer, normalize_topk=True, router_init=router_init, method="lfuc",
-                      notes={"fused_layers": removed, "attention_removed": attn_only})
+                      notes={"fused_layers": removed, "attention_removed": attn_only, "attach": attach})
 
 
 def plan_prune(n_layer: int, removed: list[int]) -> FusionPlan:
@@ -102,11 +107,11 @@ def plan_upcycle(n_layer: int, n_saved: int, split: int, router_init: str) -> Fu
     return FusionPlan(tuple(blocks), n_layer, router_init=router_init, method="upcycle", notes={"mlps_saved": n_saved})
 
 
-# Whole MLPs as experts, top-1, for lfuc: measured on SmolLM2 (8 fused layers, 6x512 WikiText
-# tokens, PyTorch), the classification-fitted router choosing per token between whole MLPs
-# lowers the host-only (= pruned) ppl 111.8 -> 109.6 before any training, while the best
-# fit over 6 slices of each MLP (top-6 of 42) rebuilt the fused span worse than the host
-# alone (held-out error 0.245 -> 0.302) and was rejected. Plain upcycling needs slices to
+# lfuc: whole MLPs as experts, top-1 (llama.cpp then takes the router's argmax, no weights). Measured on
+# SmolLM2 with 8 fused layers and nearest attach (WikiText ppl, PyTorch): with a light budget (60k block-local
+# + 40k end-to-end tokens, 16 x 512 eval tokens) halves top-2 did better (whole 60.5, halves 58.9, quarters
+# top-4 59.4); with the default budget (600k + 40k, 40 x 512 eval tokens) whole MLPs win: 41.7 against
+# halves 43.3 and pruning 45.1 (paired ratio to pruning 0.926 +- 0.006). Plain upcycling needs slices to
 # lower top-k at all.
 DEFAULT_SPLIT = {"lfuc": 1, "upcycle": 6}
 
@@ -120,7 +125,7 @@ def build_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, n: int) -
         attn_only: list[int] = []
         if req.depth_aware:
             removed, attn_only = _depth_aware_choice(spec, scores, req, n)
-        plan = plan_lfuc(spec.n_layer, removed, attn_only, split, top_k, req.router_init)
+        plan = plan_lfuc(spec.n_layer, removed, attn_only, split, top_k, req.router_init, req.attach)
     elif req.method == "prune":
         plan = plan_prune(spec.n_layer, fused_layers(scores, n))
     elif req.method == "attn-prune":

@@ -72,7 +72,7 @@ def test_planner_methods_and_equal_bytes(smollm2_scores):
         [12, 13, 14, 15, 16, 17, 25, 26]
     assert [b.attention for b in lfuc.blocks] == [b.attention for b in prune.blocks]
     host = next(b for b in lfuc.blocks if b.attention == 11)
-    assert host.mlp == (11, 12, 13, 14, 15, 16, 17) and host.top_k == host.split == 1   # whole MLPs, top-1
+    assert host.mlp == (11, 12, 13, 14) and host.top_k == host.split == 1   # nearest attach, whole MLPs, top-1
     bytes_of = lambda p: planned_cost(hybrid_config(spec, p), WeightTypes(), 512).total_bytes
     router_bytes = sum(576 * b.n_expert * 4 for b in lfuc.blocks if b.moe)
     assert bytes_of(lfuc) == pytest.approx(bytes_of(prune) + router_bytes)   # equal N = equal active bytes
@@ -80,6 +80,22 @@ def test_planner_methods_and_equal_bytes(smollm2_scores):
     assert sum(b.attention is None for b in attn.blocks) == 8 and len(attn.blocks) == 30
     up = build_plan(spec, scores, PlanRequest(method="upcycle"), 8)
     assert sum(b.top_k for b in up.blocks if b.moe) == 28 * 6 - 8 * 6
+
+
+def test_lfuc_attaches_guests_to_the_nearest_kept_layer(smollm2_scores):
+    """A run of removed layers 12..17 splits between the kept layers on its two sides (ties go before), so
+    two routed blocks share it; `before` keeps the whole run in the block before it. Either way every
+    removed MLP is an expert exactly once, and the host is expert 0 (the pruned model at host routing)."""
+    spec, scores = smollm2_scores
+    moe = lambda plan: [(b.attention, b.mlp) for b in plan.blocks if b.moe]
+    nearest = build_plan(spec, scores, PlanRequest(method="lfuc", attach="nearest", split=1), 8)
+    assert moe(nearest) == [(11, (11, 12, 13, 14)), (18, (18, 15, 16, 17)), (24, (24, 25)), (27, (27, 26))]
+    before = build_plan(spec, scores, PlanRequest(method="lfuc", attach="before", split=1), 8)
+    assert moe(before) == [(11, (11, 12, 13, 14, 15, 16, 17)), (24, (24, 25, 26))]
+    for plan in (nearest, before):
+        assert sorted(s for b in plan.blocks for s in b.mlp) == list(range(30))
+    # the block-local span of a block whose guests precede it starts at its first guest
+    assert block_spans(nearest)[11:13] == [(11, 15), (15, 19)]
 
 
 def test_planner_targets(smollm2_scores):

@@ -81,6 +81,22 @@ def test_moe_routing_follows_topk(tiny_dirs):
     assert sel.unique().numel() == 2  # a random router routes to both experts
 
 
+def test_top1_router_learns_from_the_output_loss(tiny_dirs):
+    """Top-1 with renormalisation weighs the chosen expert exactly 1, so a loss on the block's output would give
+    the router no gradient; in training the weight is p / stop_grad(p): the same output, and a gradient."""
+    _, _, model = build(tiny_dirs["llama"], ALL_KINDS)
+    moe = model.blocks[0].ffn
+    assert moe.n_expert_used == 1 and moe.normalize
+    h = torch.randn(32, model.cfg.n_embd, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        served = moe(h)
+    moe.train()
+    trained = moe(h)
+    assert torch.equal(trained.detach(), served)
+    trained.pow(2).sum().backward()
+    assert moe.ffn_gate_inp.weight.grad is not None and moe.ffn_gate_inp.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_gguf_round_trip_f32(tiny_dirs, tmp_path, family):
     spec, plan, model = build(tiny_dirs[family], ALL_KINDS)
