@@ -177,8 +177,6 @@ class MoEFFN(nn.Module):
         u = round_activations(h, self.act.get("ffn_up_exps")) @ self.ffn_up_exps[e].T
         return round_activations(F.silu(g) * u, self.act.get("ffn_down_exps")) @ self.ffn_down_exps[e].T
 
-    straight_through = True
-
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probabilities [N, E], selected experts [N, k], their weights [N, k]) for tokens h [N, D].
 
@@ -190,7 +188,7 @@ class MoEFFN(nn.Module):
         weights = picked
         if self.normalize:
             weights = picked / picked.sum(-1, keepdim=True).clamp_min(_TOPK_SUM_MIN)
-            if self.training and self.n_expert_used == 1 and self.straight_through:
+            if self.training and self.n_expert_used == 1:
                 weights = weights * picked / picked.detach()
         return probs, selected, weights
 
