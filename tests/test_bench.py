@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,27 @@ def test_healing_curve_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
+    """`d2m bench lfuc`: dense + each method at each size, equal healing tokens, one llama-bench run, and each
+    method's paired ratio to the pruning baseline of its size (the baseline itself gets none)."""
+    from d2m_gguf.bench import LfucTableRequest, lfuc_table
+    from d2m_gguf.ggufout import OutType
+
+    out = lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32, heal=HealSettings(tokens=2048),
+                                      wikitext=wikitext, ctx=128, chunks=3, results=tmp_path, progress=False), llama)
+    with open(out / "lfuc.csv", newline="") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == ["dense", "lfuc-1", "prune-1"]
+    assert int(rows["lfuc-1"]["heal_tokens"]) == int(rows["prune-1"]["heal_tokens"]) >= 2048
+    ratio, se = (float(x) for x in rows["lfuc-1"]["ppl_vs_prune"].split(" ± "))
+    assert ratio == pytest.approx(float(rows["lfuc-1"]["ppl"]) / float(rows["prune-1"]["ppl"]), rel=2e-3) and se > 0
+    margin = math.log(ratio) + 2 * se      # wins when the log ratio is below zero by two standard errors
+    assert rows["lfuc-1"]["beats_prune"] == ("yes" if margin < 0 else "no") or abs(margin) < 1e-3
+    assert rows["prune-1"]["ppl_vs_prune"] == rows["dense"]["ppl_vs_prune"] == ""
+    assert float(rows["dense"]["measured_speedup"]) == 1.0 and all(float(r["decode_ts"]) > 0 for r in rows.values())
+    assert (out / "lfuc.md").read_text().count("\n| ") == 4
+
+
 @pytest.mark.slow
 def test_arm64_column_under_qemu(tiny_d2m_f16, llama, wikitext, tmp_path):
     """The qemu column on one tiny Q8_0 row (the real matrix does it on SmolLM2 Q4_0/phone rows)."""
@@ -271,8 +293,6 @@ def test_bench_adb_without_a_device_says_so(tmp_path):
 def test_chunk_nlls_and_the_paired_comparison():
     """Per-chunk NLLs come back from llama-perplexity's running estimates, and the paired standard error sees a
     consistent small gain that the two perplexities' own spreads would hide."""
-    import math
-
     from d2m_gguf.bench import versus
     from d2m_gguf.llamacpp import chunk_nlls
 
