@@ -204,6 +204,9 @@ def run(req: ConvertRequest) -> dict:
     plan = None
     if req.plan is not None:
         plan = load_plan(req.plan, spec.n_layer, spec.n_ff)
+        if plan.changes_nothing() and req.heal.enabled:
+            log.info("the plan changes nothing (the dense model in the dense2moe format): no healing")
+            req = replace(req, heal=replace(req.heal, tokens=0, minutes=None))
     chunks = None
     if (plan is None and req.scores is None) or req.heal.enabled:
         chunks = calibration(req.hf_dir, req.text, req.heal.ctx, req.heal.max_chunks)

@@ -88,6 +88,10 @@ class FusionPlan:
         used = {s for b in self.blocks for s in b.mlp}
         return [i for i in range(self.source_layers) if i not in used]
 
+    def changes_nothing(self) -> bool:
+        """True for the identity plan: the model it builds is the dense one, so there is nothing to heal."""
+        return self.blocks == identity_plan(self.source_layers).blocks
+
     def with_router_init(self, router_init: str) -> "FusionPlan":
         return replace(self, router_init=router_init)
 

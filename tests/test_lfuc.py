@@ -169,6 +169,18 @@ def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, l
     assert text.strip()
 
 
+def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, tmp_path):
+    """The identity plan builds the dense model: the default healing budget would spend minutes teaching it itself."""
+    hf, plan, out = tiny_dirs["llama"], tmp_path / "identity.json", tmp_path / "identity.gguf"
+    identity_plan(6).save(plan)
+    proc = run_cli("convert.py", hf, out, "--plan", plan, "--text", calibration_text, "--ctx", "64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "changes nothing" in proc.stderr
+    work = tmp_path / "identity.gguf.d2m"
+    assert json.loads((work / "summary.json").read_text())["healing"] is None
+    assert not (work / "heal.json").exists() and validate_gguf(out) == []
+
+
 def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, llama, tmp_path):
     """convert --save-hf --no-heal -> d2m heal (resumable) -> convert --from-checkpoint: the staged path."""
     from d2m_gguf.hf_export import load_hf_checkpoint
