@@ -137,7 +137,9 @@ def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, hea
     given = {"minutes": 0 if no_heal else heal_minutes, "tokens": 0 if no_heal else heal_tokens,
              "block_local_fraction": block_local_fraction, **kw}
     settings = HealSettings(**{k: v for k, v in given.items() if v is not None})
-    return settings if heal_precision == "auto" else settings.with_precision(heal_precision)
+    from .heal import resolve_precision
+
+    return settings.with_precision(resolve_precision(heal_precision))
 
 
 @main.command("convert")
@@ -344,7 +346,7 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
     It checkpoints to OUT/checkpoint.pt and resumes from it; write the result with
     `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`.
     """
-    from .heal import Budget, E2EConfig, default_precision
+    from .heal import Budget, E2EConfig, resolve_precision
     from .pipeline import HealRequest, heal_checkpoint
 
     if not minutes and not tokens:
@@ -352,7 +354,7 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
     stage = heal_checkpoint(HealRequest(student=student, teacher=teacher, out=out,
                                         budget=Budget(tokens=tokens, minutes=minutes or None), text=text, ctx=ctx,
                                         e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight,
-                                                      precision=default_precision() if precision == "auto" else precision),
+                                                      precision=resolve_precision(precision)),
                                         progress=not quiet))
     last = stage.rows[-1] if stage.rows else {}
     click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "

@@ -46,6 +46,11 @@ def default_precision() -> str:
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
 
 
+def resolve_precision(choice: str) -> str:
+    """A `--precision` choice as a training precision: `auto` is `default_precision()`."""
+    return default_precision() if choice == "auto" else choice
+
+
 def autocast(model: torch.nn.Module, precision: str):
     """The autocast context of a training forward pass (`precision`: bf16 or fp32)."""
     if precision not in ("bf16", "fp32"):

@@ -76,7 +76,8 @@ class LlamaCpp:
         if batch:
             args += ["-b", batch, "-ub", batch]
         proc = self.run("llama-perplexity", args)
-        return parse_perplexity(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+        log = proc.stdout + proc.stderr
+        return parse_perplexity(log), log
 
     def complete(self, model: Path, prompt: str, n: int = 24, extra: Sequence[str] = ()) -> tuple[str, str]:
         """Greedy completion text from `llama-completion`, and its log."""

@@ -57,7 +57,7 @@ def fused_layers(scores: LayerScores, n: int) -> list[int]:
 
 
 def plan_lfuc(n_layer: int, removed: list[int], attn_only: list[int], split: int, top_k: int,
-              router_init: str, attach: str = "before") -> FusionPlan:
+              router_init: str, attach: str) -> FusionPlan:
     """Each removed layer's MLP joins the experts of a kept layer: the nearest kept layer before it
     (`attach="before"`), or the nearest on either side (`"nearest"`, ties before), which halves the
     groups of a long run of removed layers and gives its tokens two routed choices instead of one."""
