@@ -32,10 +32,30 @@ class Variant:
 
     method: str          # dense | lfuc | prune | attn-prune | upcycle
     fuse: int = 0
+    depth_aware: int | None = None   # planned depth-aware at this context depth (lfuc, prune)
 
     @property
     def name(self) -> str:
-        return "dense" if self.method == "dense" else f"{self.method}-{self.fuse}"
+        return "dense" if self.method == "dense" else f"{self.label}-{self.fuse}"
+
+    @property
+    def label(self) -> str:
+        """The method as `--methods` names it: `lfuc-da` is lfuc planned depth-aware."""
+        return self.method + ("-da" if self.depth_aware is not None else "")
+
+    @classmethod
+    def of(cls, label: str, fuse: int, depth: int) -> "Variant":
+        """The variant a `--methods` entry names; `-da` plans depth-aware at the depth the table times."""
+        if label.endswith("-da"):
+            if label not in ("lfuc-da", "prune-da"):
+                raise D2MError(f"method {label!r}: only lfuc and prune plan depth-aware (lfuc-da, prune-da)")
+            return cls(label.removesuffix("-da"), fuse, depth_aware=depth)
+        return cls(label, fuse)
+
+    def request(self) -> PlanRequest:
+        if self.depth_aware is None:
+            return PlanRequest(method=self.method, fuse=self.fuse)
+        return PlanRequest(method=self.method, fuse=self.fuse, depth_aware=True, depth=self.depth_aware)
 
 
 def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: HealSettings,
@@ -43,8 +63,9 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     """The variant's GGUF (reused when already built with the same settings)."""
     out = work / f"{v.name}-{outtype.value}.gguf"
     stamp = out.with_suffix(".settings.json")
-    request = PlanRequest(method=v.method, fuse=v.fuse)
-    settings = json.dumps({"variant": asdict(v), "plan": repr(request), "outtype": outtype.value,
+    request = v.request()
+    variant = {k: x for k, x in asdict(v).items() if x is not None}
+    settings = json.dumps({"variant": variant, "plan": repr(request), "outtype": outtype.value,
                            "heal": _heal_key(heal)}, sort_keys=True)
     if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
         return out
@@ -139,7 +160,7 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     work = budget_work_dir(req.results, req.heal)
     for d in (out_dir, work):
         d.mkdir(parents=True, exist_ok=True)
-    variants = [Variant("dense")] + [Variant(m, n) for n in req.sizes for m in req.methods]
+    variants = [Variant("dense")] + [Variant.of(m, n, req.depth) for n in req.sizes for m in req.methods]
     files = {}
     for v in variants:
         files[v] = build_variant(v, req.hf_dir, work, req.outtype, req.heal, req.scores, req.progress)
@@ -156,7 +177,7 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
         s = speed[(f.name, req.depth)]
         healed = healing_spent(work / f"{v.name}.d2m")
         rows.append({
-            "variant": v.name, "method": v.method, "fuse": v.fuse,
+            "variant": v.name, "method": v.label, "fuse": v.fuse,
             "heal_tokens": healed["tokens"], "heal_minutes": healed["minutes"],
             "ppl": round(ppl, 3),
             "mb_per_token": round(cost.total_bytes / 1e6, 2),
@@ -168,14 +189,15 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     for v, r in zip(variants, rows):
         r["ppl_vs_dense"] = round(r["ppl"] / dense["ppl"], 3)
         r["measured_speedup"] = round(r["decode_ts"] / dense["decode_ts"], 3)
-        # each method against the pruning baseline of the same size, chunk by chunk
-        prune = Variant("prune", v.fuse)
-        if v.method not in ("dense", "prune") and prune in nlls:
-            vs = versus(nlls[v], nlls[prune])
-            r["ppl_vs_prune"] = f"{vs['ratio']:.4f} ± {vs['se']:.4f}"
-            r["beats_prune"] = "yes" if vs["wins"] else "no"
-        else:
-            r["ppl_vs_prune"], r["beats_prune"] = "", ""
+        # each method against the pruning baselines of the same size, chunk by chunk
+        for prune in (Variant("prune", v.fuse), Variant("prune", v.fuse, depth_aware=req.depth)):
+            column = f"ppl_vs_{prune.label}"
+            if v.method != "dense" and v != prune and prune in nlls:
+                vs = versus(nlls[v], nlls[prune])
+                r[column] = f"{vs['ratio']:.4f} ± {vs['se']:.4f}"
+                r[f"beats_{prune.label}"] = "yes" if vs["wins"] else "no"
+            elif any(p.label == prune.label for p in variants):
+                r[column], r[f"beats_{prune.label}"] = "", ""
     _write_table(rows, out_dir / "lfuc", title=f"LF-UC vs baselines ({req.outtype.value}, WikiText-2 test ctx {req.ctx}"
                  f"{'' if req.chunks is None else f', {req.chunks} chunks'}; decode at depth {req.depth})")
     (out_dir / "settings.json").write_text(json.dumps({"heal": _heal_key(req.heal), "sizes": req.sizes,
@@ -222,11 +244,11 @@ def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
         for d in (budget_dir, log_dir):
             d.mkdir(parents=True, exist_ok=True)
         for method in req.methods:
-            v = Variant(method, req.fuse)
+            v = Variant.of(method, req.fuse, depth=0)
             f = build_variant(v, req.hf_dir, budget_dir, req.outtype, heal, req.scores, req.progress)
             ppl, _ = wikitext_ppl(llama, f, text, req.ctx, req.chunks, log_dir=log_dir)
             spent = healing_spent(budget_dir / f"{v.name}.d2m")
-            rows.append({"variant": v.name, "method": method, "fuse": req.fuse, "budget_tokens": tokens,
+            rows.append({"variant": v.name, "method": v.label, "fuse": req.fuse, "budget_tokens": tokens,
                          "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
                          "ppl_vs_dense": round(ppl / dense_ppl, 3)})
             log.info("%s at %d healing tokens: ppl %.2f (dense %.2f)", v.name, tokens, ppl, dense_ppl)

@@ -102,7 +102,9 @@ plan_options = [
     click.option("--split", type=int, default=None,
                  help="Experts cut from each source MLP [default: 1 for lfuc (whole MLPs, top-1), 6 for upcycle]."),
     click.option("--top-k", type=int, default=None, help="Experts per token [default: split]."),
-    click.option("--depth-aware", is_flag=True, help="lfuc: also drop attention alone where that is cheaper."),
+    click.option("--depth-aware", is_flag=True,
+                 help="lfuc, prune: the cheapest mix of removed layers and attentions dropped alone that saves "
+                      "--fuse layers' bytes at --depth."),
     click.option("--attach", type=click.Choice(["nearest", "before"]), default="nearest", show_default=True,
                  help="lfuc: a removed layer's MLP joins the nearest kept layer on either side, or the one before."),
 ]
@@ -368,7 +370,9 @@ def bench() -> None:
 
 # shared by the commands that build and compare method variants (bench lfuc, bench curve)
 variant_bench_options = [
-    click.option("--methods", default="lfuc,prune", show_default=True, help="Methods to compare (plus dense)."),
+    click.option("--methods", default="lfuc,prune", show_default=True,
+                 help="Methods to compare (plus dense); a -da suffix (lfuc-da, prune-da) plans depth-aware at the "
+                      "timed depth."),
     click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True),
     click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`."),
     click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True),

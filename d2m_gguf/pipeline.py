@@ -2,7 +2,7 @@
 
 Artefacts go to a work directory beside the output (OUT.d2m/ by default):
 scores.json + scores.png (analysis), plan.json, heal.csv + heal.png + heal.json
-(healing curves and settings), checkpoint.pt (resumable end-to-end stage).
+(healing curves and settings). A resumable end-to-end checkpoint is `d2m heal`'s (--save-hf, then heal).
 Pass --scores / --plan to reuse earlier ones.
 """
 
@@ -92,7 +92,11 @@ def calibration(hf_dir: Path, text: Path | None, ctx: int, max_chunks: int | Non
 
 def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor, settings: HealSettings,
          work_dir: Path, progress: bool = True) -> list[StageLog]:
-    """Block-local distillation of the fused blocks (with router fitting), then end-to-end distillation."""
+    """Block-local distillation of the fused blocks (with router fitting), then end-to-end distillation.
+
+    Always from the upcycled model, and without an end-to-end checkpoint: one left in `work_dir` by an
+    earlier run (another plan or budget, same shapes) would be resumed over this run's block-local result,
+    and a model's with its optimiser state is 1.3 GB for SmolLM2. Resuming is `d2m heal`'s job."""
     logs: list[StageLog] = []
     torch.manual_seed(settings.block_local.seed)
     blocks = trained_blocks(plan)
@@ -117,7 +121,7 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: tor
             cache.close()
     if settings.block_local_fraction < 1:
         logs.append(distill_e2e(model, teacher, chunks, settings.stage_budget(1 - settings.block_local_fraction),
-                                settings.e2e, checkpoint=work_dir / "checkpoint.pt", progress=progress))
+                                settings.e2e, checkpoint=None, progress=progress))
     write_heal_logs(logs, work_dir)
     return logs
 

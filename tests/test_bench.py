@@ -305,3 +305,18 @@ def test_chunk_nlls_and_the_paired_comparison():
     assert not versus(chunk_nlls(running(base)), chunk_nlls(running(better)))["wins"]
     with pytest.raises(D2MError):
         chunk_nlls("no estimates here")
+
+
+def test_variant_labels_and_depth_aware_requests():
+    """`--methods` entries name variants: a -da suffix plans depth-aware at the timed depth (lfuc and prune only),
+    and plain variants keep the request (and so the settings stamp) they always had."""
+    from d2m_gguf.bench import Variant
+    from d2m_gguf.planner import PlanRequest
+
+    plain = Variant.of("lfuc", 4, depth=0)
+    assert plain == Variant("lfuc", 4) and plain.name == "lfuc-4" and plain.request() == PlanRequest(fuse=4)
+    aware = Variant.of("prune-da", 6, depth=2048)
+    assert (aware.name, aware.label, aware.method) == ("prune-da-6", "prune-da", "prune")
+    assert aware.request() == PlanRequest(method="prune", fuse=6, depth_aware=True, depth=2048)
+    with pytest.raises(D2MError, match="depth-aware"):
+        Variant.of("upcycle-da", 4, depth=0)

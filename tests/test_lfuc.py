@@ -96,6 +96,10 @@ def test_lfuc_attaches_guests_to_the_nearest_kept_layer(smollm2_scores):
         assert sorted(s for b in plan.blocks for s in b.mlp) == list(range(30))
     # the block-local span of a block whose guests precede it starts at its first guest
     assert block_spans(nearest)[11:13] == [(11, 15), (15, 19)]
+    # pruning the same layers heals the same spans: a pruned run is split between its two neighbours
+    pruned = build_plan(spec, scores, PlanRequest(method="prune"), 8)
+    assert [block_spans(pruned)[j] for j in trained_blocks(pruned)] == [(11, 15), (15, 19), (24, 26), (26, 28)]
+    assert [block_spans(nearest)[j] for j in trained_blocks(nearest)] == [(11, 15), (15, 19), (24, 26), (26, 28)]
 
 
 def test_planner_targets(smollm2_scores):
@@ -109,6 +113,27 @@ def test_planner_targets(smollm2_scores):
     # at a long context the KV cache dominates: the depth-aware planner drops attentions alone
     deep = choose_plan(spec, scores, PlanRequest(fuse=8, depth=8192, depth_aware=True), device)
     assert sum(b.attention is None for b in deep.plan.blocks) > 0
+
+
+def test_depth_aware_plan_is_the_cheapest_mix_of_the_bytes(smollm2_scores):
+    """At depth 0 the depth-aware plan saves the plain plan's bytes at no more summed influence, trading a
+    fused layer for four near-useless attentions where that is cheaper; prune-da drops the same things."""
+    spec, scores = smollm2_scores
+    cost = lambda plan: planned_cost(hybrid_config(spec, plan), WeightTypes(), 0).total_bytes
+    for n in (2, 4, 6, 8):
+        plain = build_plan(spec, scores, PlanRequest(fuse=n, depth=0), n)
+        aware = build_plan(spec, scores, PlanRequest(fuse=n, depth=0, depth_aware=True), n)
+        fused, attn = aware.notes["fused_layers"], aware.notes["attention_removed"]
+        assert not set(fused) & set(attn) and all(0 < i < 29 for i in fused + attn)
+        assert cost(aware) <= cost(plain) * 1.001      # at least the plain plan's bytes saved
+        influence = sum(scores.influence[i] for i in fused) + sum(scores.attention_influence[i] for i in attn)
+        assert influence <= sum(scores.influence[i] for i in plain.notes["fused_layers"]) + 1e-9
+        pruned = build_plan(spec, scores, PlanRequest(method="prune", fuse=n, depth=0, depth_aware=True), n)
+        assert pruned.notes["removed_layers"] == fused and pruned.notes.get("attention_removed", []) == attn
+        assert [b.attention for b in pruned.blocks] == [b.attention for b in aware.blocks]
+    # SmolLM2's attentions 25, 26, 28 and 7 are nearly idle: at 4 they buy one fused layer less
+    four = build_plan(spec, scores, PlanRequest(fuse=4, depth=0, depth_aware=True), 4).notes
+    assert len(four["fused_layers"]) == 3 and len(four["attention_removed"]) == 4
 
 
 def test_block_local_healing_lowers_the_loss(tiny_dirs, calibration_text):
@@ -179,6 +204,20 @@ def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, 
     work = tmp_path / "identity.gguf.d2m"
     assert json.loads((work / "summary.json").read_text())["healing"] is None
     assert not (work / "heal.json").exists() and validate_gguf(out) == []
+
+
+def test_convert_heals_afresh_over_an_earlier_run(tiny_dirs, calibration_text, tmp_path):
+    """A second convert into the same work dir (here with a smaller budget) heals its own model, not the first
+    run's resumed; convert leaves no end-to-end checkpoint behind (resuming is `d2m heal`'s)."""
+    hf, out = tiny_dirs["llama"], tmp_path / "m.gguf"
+    e2e_tokens = []
+    for tokens in (8192, 2048):
+        proc = run_cli("convert.py", hf, out, "--fuse", "2", "--heal-tokens", tokens, "--block-local-fraction", "0.5",
+                       "--text", calibration_text, "--ctx", "64", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        stages = json.loads((tmp_path / "m.gguf.d2m" / "heal.json").read_text())["stages"]
+        e2e_tokens.append(next(s["tokens"] for s in stages if s["stage"] == "end-to-end"))
+    assert e2e_tokens == [4096, 1024] and not (tmp_path / "m.gguf.d2m" / "checkpoint.pt").exists()
 
 
 def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, llama, tmp_path):
