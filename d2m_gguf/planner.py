@@ -83,7 +83,8 @@ def plan_lfuc(n_layer: int, removed: list[int], attn_only: list[int], split: int
 
 def plan_prune(n_layer: int, removed: list[int], attn_only: list[int] = ()) -> FusionPlan:
     """The `removed` layers dropped; with `attn_only` (a depth-aware plan) those layers also lose their attention."""
-    blocks = tuple(BlockPlan(None if i in attn_only else i, (i,), False) for i in range(n_layer) if i not in set(removed))
+    gone = set(removed)
+    blocks = tuple(BlockPlan(None if i in attn_only else i, (i,), False) for i in range(n_layer) if i not in gone)
     notes = {"removed_layers": removed, **({"attention_removed": list(attn_only)} if attn_only else {})}
     return FusionPlan(blocks, n_layer, method="prune", router_init="host", notes=notes)
 
@@ -122,16 +123,12 @@ def build_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, n: int) -
     """The plan of `req.method` removing `n` layers (or attentions / MLPs' worth of experts)."""
     split = req.split or DEFAULT_SPLIT.get(req.method, 1)
     top_k = req.top_k or split
-    if req.method == "lfuc":
-        removed = fused_layers(scores, n)
-        attn_only: list[int] = []
-        if req.depth_aware:
-            removed, attn_only = _depth_aware_choice(spec, scores, req, n)
-        plan = plan_lfuc(spec.n_layer, removed, attn_only, split, top_k, req.router_init, req.attach)
-    elif req.method == "prune":
-        # depth-aware pruning is the same layer/attention choice as depth-aware lfuc, with the MLPs dropped
-        plan = plan_prune(spec.n_layer, *(_depth_aware_choice(spec, scores, req, n) if req.depth_aware
-                                          else (fused_layers(scores, n),)))
+    if req.method in ("lfuc", "prune"):
+        # one choice of layers (and, depth-aware, attentions alone) for both: prune drops what lfuc routes
+        removed, attn_only = (_depth_aware_choice(spec, scores, req, n) if req.depth_aware
+                              else (fused_layers(scores, n), []))
+        plan = (plan_lfuc(spec.n_layer, removed, attn_only, split, top_k, req.router_init, req.attach)
+                if req.method == "lfuc" else plan_prune(spec.n_layer, removed, attn_only))
     elif req.method == "attn-prune":
         plan = plan_attn_prune(spec.n_layer, sorted(_removable(scores, "attention_influence")[:n]))
     elif req.method == "upcycle":
