@@ -161,8 +161,8 @@ PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_S
 test: setup smollm2 llama-src llama llama-stock llama-asan arm64
 	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
-# the quick loop while developing: no builds, no slow tests
-test-fast: setup smollm2 llama-src
+# the quick loop while developing: the host build only (many fast tests run the patched tools), no slow tests
+test-fast: setup smollm2 llama-src llama
 	$(PYTEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 DEMO_OUT  := build/demo

@@ -70,6 +70,7 @@ def test_the_judge_tells_crashes_from_refusals():
     assert classify(3, "", False)[0] == "bad-exit"
 
 
+@pytest.mark.slow   # needs the sanitizer build (make llama-asan), which make test-fast does not build
 def test_the_valid_bases_load(asan_logits, bases, tmp_path):
     for base in bases:
         rc, stderr, output_ok = run_case(asan_logits, base, tmp_path)
@@ -83,6 +84,7 @@ def _check(outcomes) -> None:
         summary(outcomes)
 
 
+@pytest.mark.slow
 def test_fuzz_50(asan_logits, bases, tmp_path):
     _check(fuzz(bases, asan_logits, range(50), work=tmp_path))
 
