@@ -83,7 +83,8 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
 
 def _heal_key(heal: HealSettings) -> dict:
     return {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
-            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
+            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision,
+            "freeze_guests": heal.freeze_guests}
 
 
 @dataclass

@@ -129,15 +129,18 @@ heal_options = [
     click.option("--no-heal", is_flag=True, help="Skip healing (routers keep their initialisation)."),
     click.option("--heal-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
                  help="Matmul precision of healing (weights stay fp32); auto: bf16 where the hardware has it."),
+    click.option("--freeze-guests/--train-guests", default=None,
+                 help="lfuc: keep the guest experts (removed layers' MLPs) at their pretrained weights while the "
+                      "host, attention, norms and routers heal [default: train them]."),
 ]
 
 
-def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, **kw):
+def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests, **kw):
     """HealSettings from the heal options; an option not given keeps the HealSettings default."""
     from .pipeline import HealSettings
 
     given = {"minutes": 0 if no_heal else heal_minutes, "tokens": 0 if no_heal else heal_tokens,
-             "block_local_fraction": block_local_fraction, **kw}
+             "block_local_fraction": block_local_fraction, "freeze_guests": freeze_guests, **kw}
     settings = HealSettings(**{k: v for k, v in given.items() if v is not None})
     from .heal import resolve_precision
 
@@ -172,7 +175,7 @@ def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, hea
 @user_errors
 def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores: Path | None, method, fuse,
             target_speedup, max_bytes_per_token, depth, device, split, top_k, depth_aware, attach, heal_minutes,
-            heal_tokens, block_local_fraction, no_heal, heal_precision, text, ctx, outtype: str, router_init: str | None, seed: int,
+            heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests, text, ctx, outtype: str, router_init: str | None, seed: int,
             work_dir: Path | None, pre_tokenizer: str | None, save_hf: Path | None, student: Path | None, quiet: bool,
             verbose: bool) -> None:
     """Convert HF_DIR (a Hugging Face checkpoint) to OUT (a GGUF).
@@ -209,7 +212,8 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
     request = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach)
     if router_init:
         request = replace(request, router_init=router_init)
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, ctx=ctx)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests,
+                          ctx=ctx)
     summary = run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
                                  request=request, device=device, text=text, heal=heal, work_dir=work_dir,
                                  save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
@@ -391,12 +395,12 @@ variant_bench_options = [
 @verbose_option
 @user_errors
 def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision,
-               ctx, chunks, depth, scores, results, quiet, verbose) -> None:
+               freeze_guests, ctx, chunks, depth, scores, results, quiet, verbose) -> None:
     """LF-UC against equally healed pruning baselines at each size, and the dense model: ppl and decode speed."""
     from .bench import LfucTableRequest, lfuc_table
     from .ggufout import OutType
 
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision)
+    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests)
     out = lfuc_table(LfucTableRequest(hf_dir=hf_dir, sizes=tuple(int(s) for s in sizes.split(",")),
                                       methods=tuple(methods.split(",")), outtype=OutType(outtype), heal=heal,
                                       ctx=ctx, chunks=chunks, depth=depth, scores=scores, results=results,

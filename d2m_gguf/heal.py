@@ -80,6 +80,21 @@ def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [plan.source_layers]))
 
 
+def freeze_guests(model: HybridModel, plan: FusionPlan) -> list:
+    """Keep every guest expert (the experts cut from a block's non-host source MLPs) at its pretrained weights
+    while healing trains the rest: their gradients are zeroed, so AdamW without weight decay leaves them
+    bit for bit. Returns the hook handles (`handle.remove()` to train them again)."""
+    handles = []
+    for block, b in zip(model.blocks, plan.blocks):
+        if not isinstance(block.ffn, MoEFFN) or len(b.mlp) == 1:
+            continue
+        mask = torch.ones(block.ffn.ffn_gate_exps.shape[0], 1, 1)
+        mask[b.split:] = 0.0    # experts [0, split) are the host's (upcycle stacks the host first)
+        for p in (block.ffn.ffn_gate_exps, block.ffn.ffn_up_exps, block.ffn.ffn_down_exps):
+            handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+    return handles
+
+
 def trained_blocks(plan: FusionPlan) -> list[int]:
     """Blocks that are not a copy of one source layer (those are exact and stay frozen)."""
     spans = block_spans(plan)

@@ -25,7 +25,7 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .errors import D2MError
 from .ggufout import OutType
 from .heal import (BlockLocalConfig, Budget, E2EConfig, StageLog, TeacherCache, block_local_distill, block_spans,
-                   RouterFitConfig, distill_e2e, fit_routers, trained_blocks)
+                   RouterFitConfig, distill_e2e, fit_routers, freeze_guests, trained_blocks)
 from .atomic import check_output_path
 from .hybrid_export import export_hybrid, hybrid_tensors
 from .model import HybridModel
@@ -56,6 +56,7 @@ class HealSettings:
     block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
     seed: int = 0                       # router fit (its held-out split and draws)
+    freeze_guests: bool = False         # guests keep their pretrained weights (heal.freeze_guests)
 
     @property
     def enabled(self) -> bool:
@@ -100,29 +101,42 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: tor
     logs: list[StageLog] = []
     torch.manual_seed(settings.block_local.seed)
     blocks = trained_blocks(plan)
-    if blocks and settings.block_local_fraction > 0:
-        spans = block_spans(plan)
-        boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
-        t = time.monotonic()
-        cached = chunks[:settings.cached_sequences()]
-        cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
-        log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
-                 cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
-        try:
-            if plan.router_init == "fit":
-                fits = fit_routers(model, plan, cache, RouterFitConfig(seed=settings.seed))
-                for j, r in fits.items():
-                    log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
-                             r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
-                logs.append(StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()]))
-            logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
-                                            settings.block_local, progress=progress))
-        finally:
-            cache.close()
-    if settings.block_local_fraction < 1:
-        logs.append(distill_e2e(model, teacher, chunks, settings.stage_budget(1 - settings.block_local_fraction),
-                                settings.e2e, checkpoint=None, progress=progress))
+    frozen = freeze_guests(model, plan) if settings.freeze_guests else []
+    try:
+        if blocks and settings.block_local_fraction > 0:
+            logs += _block_local_stages(model, teacher, plan, chunks, settings, blocks, work_dir, progress)
+        if settings.block_local_fraction < 1:
+            logs.append(distill_e2e(model, teacher, chunks, settings.stage_budget(1 - settings.block_local_fraction),
+                                    settings.e2e, checkpoint=None, progress=progress))
+    finally:
+        for handle in frozen:
+            handle.remove()
     write_heal_logs(logs, work_dir)
+    return logs
+
+
+def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
+                        settings: HealSettings, blocks: list[int], work_dir: Path, progress: bool) -> list[StageLog]:
+    """Router fit and block-local distillation on the teacher's cached activations at the trained spans."""
+    logs: list[StageLog] = []
+    spans = block_spans(plan)
+    boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
+    t = time.monotonic()
+    cached = chunks[:settings.cached_sequences()]
+    cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
+    log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
+             cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
+    try:
+        if plan.router_init == "fit":
+            fits = fit_routers(model, plan, cache, RouterFitConfig(seed=settings.seed))
+            for j, r in fits.items():
+                log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
+                         r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
+            logs.append(StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()]))
+        logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
+                                        settings.block_local, progress=progress))
+    finally:
+        cache.close()
     return logs
 
 
@@ -249,7 +263,7 @@ def run(req: ConvertRequest) -> dict:
     if req.heal.enabled:
         logs = heal(model, teacher, plan, chunks, req.heal.seeded(req.seed), work, progress=req.progress)
         healing = {"minutes": req.heal.minutes, "tokens_budget": req.heal.tokens,
-                   "block_local_fraction": req.heal.block_local_fraction,
+                   "block_local_fraction": req.heal.block_local_fraction, "freeze_guests": req.heal.freeze_guests,
                    "stages": [{"stage": s.stage, "tokens": s.tokens, "seconds": round(s.seconds, 1),
                                "final": s.rows[-1] if s.rows else {}} for s in logs],
                    "calibration_tokens": int(chunks.numel()),

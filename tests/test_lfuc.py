@@ -176,6 +176,35 @@ def test_end_to_end_distillation_lowers_kl_and_resumes(tiny_dirs, calibration_te
     assert np.mean(kl[-5:]) < 0.8 * np.mean(kl[:3])
 
 
+def test_frozen_guests_keep_their_pretrained_weights(tiny_dirs, calibration_text, tmp_path):
+    """With freeze_guests both healing stages leave every guest expert bit for bit and train the host's experts,
+    the router and the attention; the hooks are gone afterwards."""
+    from d2m_gguf.pipeline import HealSettings, heal
+
+    hf = tiny_dirs["llama"]
+    spec = load_dense_spec(hf)
+    plan = parse_plan({"source_layers": 6, "router_init": "fit", "blocks": [
+        {"attention": 0, "mlp": [0]}, {"attention": 1, "mlp": [1, 2], "top_k": 2, "split": 2},
+        {"attention": 3, "mlp": [3, 4, 5], "top_k": 1}]})
+    teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
+    model = upcycle(spec, Checkpoint(hf), plan)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = HealSettings(tokens=8192, block_local_fraction=0.5, ctx=64, freeze_guests=True,
+                            block_local=BlockLocalConfig(lr=1e-3), e2e=E2EConfig(lr=1e-3))
+    heal(model, teacher, plan, chunks_of(hf, calibration_text), settings, tmp_path, progress=False)
+    after = model.state_dict()
+    hosts_trained = []
+    for j, host_experts in ((1, 2), (2, 1)):
+        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            key = f"blocks.{j}.ffn.{name}"
+            assert torch.equal(after[key][host_experts:], before[key][host_experts:]), key
+            hosts_trained.append(not torch.equal(after[key][:host_experts], before[key][:host_experts]))
+        for key in (f"blocks.{j}.ffn.ffn_gate_inp.weight", f"blocks.{j}.attn.attn_q.weight"):
+            assert not torch.equal(after[key], before[key]), key
+    assert any(hosts_trained)   # (a host that the router no longer picks gets no gradient)
+    assert all(p._backward_hooks is None or not p._backward_hooks for p in model.parameters())
+
+
 def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, llama, tmp_path):
     out = tmp_path / "tiny-lfuc.gguf"
     proc = run_cli("convert.py", tiny_dirs["qwen2"], out, "--fuse", "2", "--split", "2", "--heal-tokens", "8192",
