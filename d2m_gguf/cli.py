@@ -337,12 +337,14 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
 @click.option("--lm-weight", type=float, default=0.1, show_default=True, help="Weight of the next-token loss.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Matmul precision (weights stay fp32); auto: bf16 on GPUs and CPUs with native bf16.")
+@click.option("--freeze-guests/--train-guests", default=False, show_default=True,
+              help="Keep the guest experts (removed layers' MLPs) as they are in STUDENT.")
 @with_options(calibration_options)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 @user_errors
 def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: int | None, lr: float, batch: int,
-             kd_weight: float, lm_weight: float, precision: str, text: Path | None, ctx: int, quiet: bool,
+             kd_weight: float, lm_weight: float, precision: str, freeze_guests: bool, text: Path | None, ctx: int, quiet: bool,
              verbose: bool) -> None:
     """End-to-end distillation of STUDENT (an upcycled checkpoint from `convert --save-hf`) into OUT.
 
@@ -361,7 +363,7 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
                                         budget=Budget(tokens=tokens, minutes=minutes or None), text=text, ctx=ctx,
                                         e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight,
                                                       precision=resolve_precision(precision)),
-                                        progress=not quiet))
+                                        freeze_guests=freeze_guests, progress=not quiet))
     last = stage.rows[-1] if stage.rows else {}
     click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
                f"wrote {out}")

@@ -317,6 +317,7 @@ class HealRequest:
     text: Path | None = None
     ctx: int = 256
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    freeze_guests: bool = False         # guests keep the weights the student has (heal.freeze_guests)
     progress: bool = True
 
 
@@ -343,8 +344,13 @@ def heal_checkpoint(req: HealRequest) -> StageLog:
     student = student.to(device)
     req.out.mkdir(parents=True, exist_ok=True)
     chunks = calibration(req.teacher, req.text, req.ctx, None)
-    stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint=req.out / "checkpoint.pt",
-                        progress=req.progress)
+    frozen = freeze_guests(student, plan) if req.freeze_guests else []
+    try:
+        stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint=req.out / "checkpoint.pt",
+                            progress=req.progress)
+    finally:
+        for handle in frozen:
+            handle.remove()
     if rank == 0:
         save_hf_checkpoint(student.cpu(), plan, spec, req.teacher, req.out)
         write_heal_logs([stage], req.out)

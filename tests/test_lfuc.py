@@ -268,6 +268,18 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
     assert first == 2048 and torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"] == 4096
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # --freeze-guests: the guest experts stay as the student has them, the hosts heal
+    from d2m_gguf.hf_export import load_hf_plan
+    frozen = tmp_path / "frozen"
+    proc = run_cli("-m", "d2m_gguf", "heal", up, frozen, "--tokens", "2048", "--minutes", "0", "--freeze-guests",
+                   *common)
+    assert proc.returncode == 0, proc.stderr
+    kept = load_hf_checkpoint(frozen).state_dict()
+    moe = [(j, b.split) for j, b in enumerate(load_hf_plan(up, 6).blocks) if b.moe and len(b.mlp) > 1]
+    assert moe
+    for j, host in moe:
+        key = f"blocks.{j}.ffn.ffn_up_exps"
+        assert torch.equal(kept[key][host:], before[key][host:]) and not torch.equal(kept[key], before[key])
     proc = run_cli("convert.py", hf, out, "--from-checkpoint", healed, "--outtype", "f32", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert validate_gguf(out) == []
