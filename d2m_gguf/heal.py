@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,19 +81,24 @@ def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [plan.source_layers]))
 
 
-def freeze_guests(model: HybridModel, plan: FusionPlan) -> list:
-    """Keep every guest expert (the experts cut from a block's non-host source MLPs) at its pretrained weights
-    while healing trains the rest: their gradients are zeroed, so AdamW without weight decay leaves them
-    bit for bit. Returns the hook handles (`handle.remove()` to train them again)."""
+@contextmanager
+def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
+    """Within the block, every guest expert (the experts cut from a block's non-host source MLPs) keeps its
+    weights while healing trains the rest: their gradients are zeroed, so AdamW without weight decay leaves
+    them bit for bit. `enabled=False` changes nothing."""
     handles = []
     for block, b in zip(model.blocks, plan.blocks):
-        if not isinstance(block.ffn, MoEFFN) or len(b.mlp) == 1:
+        if not enabled or not isinstance(block.ffn, MoEFFN) or len(b.mlp) == 1:
             continue
         mask = torch.ones(block.ffn.ffn_gate_exps.shape[0], 1, 1)
         mask[b.split:] = 0.0    # experts [0, split) are the host's (upcycle stacks the host first)
         for p in (block.ffn.ffn_gate_exps, block.ffn.ffn_up_exps, block.ffn.ffn_down_exps):
             handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
-    return handles
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def trained_blocks(plan: FusionPlan) -> list[int]:

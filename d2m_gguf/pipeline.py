@@ -25,7 +25,7 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .errors import D2MError
 from .ggufout import OutType
 from .heal import (BlockLocalConfig, Budget, E2EConfig, StageLog, TeacherCache, block_local_distill, block_spans,
-                   RouterFitConfig, distill_e2e, fit_routers, freeze_guests, trained_blocks)
+                   RouterFitConfig, distill_e2e, fit_routers, frozen_guests, trained_blocks)
 from .atomic import check_output_path
 from .hybrid_export import export_hybrid, hybrid_tensors
 from .model import HybridModel
@@ -56,7 +56,7 @@ class HealSettings:
     block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
     seed: int = 0                       # router fit (its held-out split and draws)
-    freeze_guests: bool = False         # guests keep their pretrained weights (heal.freeze_guests)
+    freeze_guests: bool = False         # guests keep their pretrained weights (heal.frozen_guests)
 
     @property
     def enabled(self) -> bool:
@@ -101,16 +101,12 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: tor
     logs: list[StageLog] = []
     torch.manual_seed(settings.block_local.seed)
     blocks = trained_blocks(plan)
-    frozen = freeze_guests(model, plan) if settings.freeze_guests else []
-    try:
+    with frozen_guests(model, plan, settings.freeze_guests):
         if blocks and settings.block_local_fraction > 0:
             logs += _block_local_stages(model, teacher, plan, chunks, settings, blocks, work_dir, progress)
         if settings.block_local_fraction < 1:
             logs.append(distill_e2e(model, teacher, chunks, settings.stage_budget(1 - settings.block_local_fraction),
                                     settings.e2e, checkpoint=None, progress=progress))
-    finally:
-        for handle in frozen:
-            handle.remove()
     write_heal_logs(logs, work_dir)
     return logs
 
@@ -317,7 +313,7 @@ class HealRequest:
     text: Path | None = None
     ctx: int = 256
     e2e: E2EConfig = field(default_factory=E2EConfig)
-    freeze_guests: bool = False         # guests keep the weights the student has (heal.freeze_guests)
+    freeze_guests: bool = False         # guests keep the weights the student has (heal.frozen_guests)
     progress: bool = True
 
 
@@ -344,13 +340,9 @@ def heal_checkpoint(req: HealRequest) -> StageLog:
     student = student.to(device)
     req.out.mkdir(parents=True, exist_ok=True)
     chunks = calibration(req.teacher, req.text, req.ctx, None)
-    frozen = freeze_guests(student, plan) if req.freeze_guests else []
-    try:
+    with frozen_guests(student, plan, req.freeze_guests):
         stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint=req.out / "checkpoint.pt",
                             progress=req.progress)
-    finally:
-        for handle in frozen:
-            handle.remove()
     if rank == 0:
         save_hf_checkpoint(student.cpu(), plan, spec, req.teacher, req.out)
         write_heal_logs([stage], req.out)
