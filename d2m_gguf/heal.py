@@ -83,16 +83,16 @@ def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
 
 @contextmanager
 def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
-    """Within the block, every guest expert (the experts cut from a block's non-host source MLPs) keeps its
+    """Inside the `with`, every guest expert (the experts cut from a block's non-host source MLPs) keeps its
     weights while healing trains the rest: their gradients are zeroed, so AdamW without weight decay leaves
     them bit for bit. `enabled=False` changes nothing."""
+    moe_blocks = [(block.ffn, b) for block, b in zip(model.blocks, plan.blocks)
+                  if enabled and isinstance(block.ffn, MoEFFN) and len(b.mlp) > 1]
     handles = []
-    for block, b in zip(model.blocks, plan.blocks):
-        if not enabled or not isinstance(block.ffn, MoEFFN) or len(b.mlp) == 1:
-            continue
-        mask = torch.ones(block.ffn.ffn_gate_exps.shape[0], 1, 1)
+    for moe, b in moe_blocks:
+        mask = torch.ones(moe.ffn_gate_exps.shape[0], 1, 1)
         mask[b.split:] = 0.0    # experts [0, split) are the host's (upcycle stacks the host first)
-        for p in (block.ffn.ffn_gate_exps, block.ffn.ffn_up_exps, block.ffn.ffn_down_exps):
+        for p in (moe.ffn_gate_exps, moe.ffn_up_exps, moe.ffn_down_exps):
             handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
     try:
         yield
