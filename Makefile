@@ -33,9 +33,13 @@ HOST_BIN    := build/llama.cpp/bin
 STOCK_BIN   := build/llama.cpp-stock/bin
 ARM64_BIN   := build/llama.cpp-arm64/bin
 ASAN_BIN    := build/llama.cpp-asan/bin
-HOST_TOOLS  := llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-imatrix llama-d2m-logits
+# What the package and the tests run. llama-cli (the chat client) is built on top of them by `make llama`
+# and `make arm64`: in this llama.cpp it links the server and multimodal code, ~40% of a build's compile
+# time, so `make test`, `make demo` and `make bench`, which never run it, do not build it.
+HOST_TOOLS  := llama-completion llama-bench llama-perplexity llama-quantize llama-imatrix llama-d2m-logits
+CHAT_TOOLS  := llama-cli
 STOCK_TOOLS := llama-perplexity llama-completion
-ARM64_TOOLS := llama-cli llama-completion llama-bench llama-perplexity
+ARM64_TOOLS := llama-completion llama-bench llama-perplexity
 # the loader fuzzer (tests/test_fuzz_gguf.py) needs only the logits tool
 ASAN_TOOLS  := llama-d2m-logits
 # a modern phone core: Armv8.2-A with dot product and int8 matrix multiply (Cortex-A76/X1 and later)
@@ -50,7 +54,7 @@ CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
 
-.PHONY: help setup deps smollm2 llama-src llama llama-stock llama-asan arm64 test test-fast demo bench quantize clean distclean
+.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-fast demo bench quantize clean distclean
 
 help:
 	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
@@ -58,10 +62,10 @@ help:
 	@echo "make setup     .venv with the project (editable) and its dependencies"
 	@echo "make smollm2   the real test model as an HF checkpoint in $(SMOLLM2)"
 	@echo "make llama-src the pinned llama.cpp source in $(LLAMA_SRC)"
-	@echo "make llama     the patched llama.cpp tools in $(HOST_BIN)"
+	@echo "make llama     the patched llama.cpp tools and llama-cli in $(HOST_BIN)"
 	@echo "make llama-stock  unpatched llama.cpp tools in $(STOCK_BIN) (upstream comparisons)"
 	@echo "make llama-asan   patched $(ASAN_TOOLS) with ASan+UBSan in $(ASAN_BIN) (loader fuzzing)"
-	@echo "make arm64     static aarch64 build of the patched tools in $(ARM64_BIN) ($(ARM64_ARCH))"
+	@echo "make arm64     static aarch64 build of the patched tools and llama-cli in $(ARM64_BIN) ($(ARM64_ARCH))"
 	@echo "make bench     the quantization x variant matrix in bench/results/<stamp>/ (QUICK=1: a 5-minute subset)"
 	@echo "make quantize  IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm: a device recipe from quant/"
 
@@ -109,22 +113,35 @@ $(LLAMA_SRC)/.pin-$(LLAMA_VER): $(LLAMA_SDIST)
 	rm -f build/.src-tmp/.git && mv build/.src-tmp $(LLAMA_SRC)
 	touch $@
 
-# $(call llama_build,NAME,PATCHES,TOOLS,EXTRA_CMAKE,BIN): copy the pristine source to build/NAME/src
-# (mtimes kept, so an unchanged file is never recompiled), apply the patches, build the tools.
-define llama_build
+# $(call llama_configure,NAME,PATCHES,EXTRA_CMAKE): copy the pristine source to build/NAME/src (mtimes
+# kept, so an unchanged file is never recompiled), apply the patches and configure build/NAME/build.
+define llama_configure
 	rm -rf build/$(1)/src && cp -a $(LLAMA_SRC) build/$(1)/src
 	for p in $(2); do GIT_CEILING_DIRECTORIES=$(CURDIR)/build git -C build/$(1)/src apply $(CURDIR)/$$p \
 	  || { echo "error: $$p does not apply to $(LLAMA_PKG)"; exit 1; }; done
-	cmake -S build/$(1)/src -B build/$(1)/build $(CMAKE_COMMON) $(4) > build/$(1)/configure.log \
+	cmake -S build/$(1)/src -B build/$(1)/build $(CMAKE_COMMON) $(3) > build/$(1)/configure.log \
 	  || { cat build/$(1)/configure.log; exit 1; }
-	cmake --build build/$(1)/build -j $(JOBS) --target $(3)
-	mkdir -p $(5) && for t in $(3); do cp build/$(1)/build/bin/$$t $(5)/; done
+endef
+# $(call llama_targets,NAME,TOOLS,BIN): build the tools in a configured build/NAME and copy them to BIN
+define llama_targets
+	cmake --build build/$(1)/build -j $(JOBS) --target $(2)
+	mkdir -p $(3) && for t in $(2); do cp build/$(1)/build/bin/$$t $(3)/; done
+endef
+# $(call llama_build,NAME,PATCHES,TOOLS,EXTRA_CMAKE,BIN): both
+define llama_build
+	$(call llama_configure,$(1),$(2),$(4))
+	$(call llama_targets,$(1),$(3),$(5))
 endef
 
+# build/host/.tools-*: the tools the package runs; build/host/.built-*: those and the chat client
 llama: build/host/.built-$(PATCH_HASH)
-build/host/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
-	mkdir -p build/host && rm -f build/host/.built-*
+llama-tools: build/host/.tools-$(PATCH_HASH)
+build/host/.tools-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+	mkdir -p build/host && rm -f build/host/.tools-* build/host/.built-*
 	$(call llama_build,host,$(PATCHES),$(HOST_TOOLS),,$(HOST_BIN))
+	touch $@
+build/host/.built-$(PATCH_HASH): build/host/.tools-$(PATCH_HASH)
+	$(call llama_targets,host,$(CHAT_TOOLS),$(HOST_BIN))
 	touch $@
 
 llama-stock: build/stock/.built-$(LLAMA_VER)
@@ -134,8 +151,10 @@ build/stock/.built-$(LLAMA_VER): $(LLAMA_SRC)/.pin-$(LLAMA_VER) | deps
 	touch $@
 
 # the patched loader under AddressSanitizer + UBSan (llama and ggml, so gguf parsing is covered too);
-# GGML_OPENMP=OFF keeps the uninstrumented libgomp out of the picture
-ASAN_CMAKE := -DLLAMA_SANITIZE_ADDRESS=ON -DLLAMA_SANITIZE_UNDEFINED=ON \
+# GGML_OPENMP=OFF keeps the uninstrumented libgomp out of the picture; -O1 (what the sanitizer docs advise)
+# compiles in about half the time of -O3 and the fuzz cases are tiny models
+ASAN_CMAKE := -DCMAKE_C_FLAGS_RELEASE="-O1 -DNDEBUG" -DCMAKE_CXX_FLAGS_RELEASE="-O1 -DNDEBUG" \
+	-DLLAMA_SANITIZE_ADDRESS=ON -DLLAMA_SANITIZE_UNDEFINED=ON \
 	-DGGML_SANITIZE_ADDRESS=ON -DGGML_SANITIZE_UNDEFINED=ON -DGGML_OPENMP=OFF -DLLAMA_BUILD_SERVER=OFF
 llama-asan: build/asan/.built-$(PATCH_HASH)
 build/asan/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
@@ -148,9 +167,13 @@ ARM64_CMAKE := -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
 	-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER -DCMAKE_EXE_LINKER_FLAGS=-static \
 	-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$(ARM64_ARCH) -DGGML_OPENMP=OFF
 arm64: build/arm64/.built-$(PATCH_HASH)
-build/arm64/.built-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
-	mkdir -p build/arm64 && rm -f build/arm64/.built-*
+arm64-tools: build/arm64/.tools-$(PATCH_HASH)
+build/arm64/.tools-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+	mkdir -p build/arm64 && rm -f build/arm64/.tools-* build/arm64/.built-*
 	$(call llama_build,arm64,$(PATCHES),$(ARM64_TOOLS),$(ARM64_CMAKE),$(ARM64_BIN))
+	touch $@
+build/arm64/.built-$(PATCH_HASH): build/arm64/.tools-$(PATCH_HASH)
+	$(call llama_targets,arm64,$(CHAT_TOOLS),$(ARM64_BIN))
 	touch $@
 
 # ---- the two commands of the README --------------------------------------------------------
@@ -158,18 +181,18 @@ PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_S
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
 	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) D2M_LLAMA_ASAN_BIN=$(CURDIR)/$(ASAN_BIN)
 
-test: setup smollm2 llama-src llama llama-stock llama-asan arm64
+test: setup smollm2 llama-src llama-tools llama-stock llama-asan arm64-tools
 	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 # the quick loop while developing: the host build only (many fast tests run the patched tools), no slow tests
-test-fast: setup smollm2 llama-src llama
+test-fast: setup smollm2 llama-src llama-tools
 	$(PYTEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 DEMO_OUT  := build/demo
 DEMO_ARGS ?=
 # the main job: analyse -> plan (fuse 8) -> upcycle -> heal (100k tokens, about 9 min on 2 cores) -> GGUF,
 # then the same prompt through the dense and the Dense2MoE model
-demo: setup smollm2 llama
+demo: setup smollm2 llama-tools
 	mkdir -p $(DEMO_OUT)
 	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-dense-q8_0.gguf --dense --outtype q8_0
 	$(PY) convert.py $(SMOLLM2) $(DEMO_OUT)/smollm2-lfuc-q8_0.gguf --outtype q8_0 $(DEMO_ARGS)
@@ -179,13 +202,13 @@ demo: setup smollm2 llama
 
 # the quantization x variant matrix (d2m bench matrix); QUICK=1: dense + a hand-written plan, 3 quant types
 BENCH_ARGS ?=
-bench: setup smollm2 llama arm64
+bench: setup smollm2 llama-tools arm64-tools
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) \
 	  $(VENV)/bin/d2m bench matrix $(SMOLLM2) $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # a device recipe of quant/ applied to a GGUF: make quantize IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm
 DEVICE ?= host
-quantize: setup smollm2 llama
+quantize: setup smollm2 llama-tools
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make quantize IN=model-f16.gguf OUT=model-q.gguf [DEVICE=$(DEVICE)]"; exit 2; }
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) $(VENV)/bin/d2m quantize "$(IN)" "$(OUT)" --device $(DEVICE)
 

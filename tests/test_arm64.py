@@ -1,8 +1,8 @@
 """The static arm64 build of the patched tools, under qemu (Armv8.2-A + dotprod + i8mm phone core).
 
 The SmolLM2 hybrid at Q4_0 with the CPU repack path: llama-completion generates
-text, and llama-perplexity on a short WikiText slice agrees with the host build
-within 2% (x86 and Arm kernels round differently, so greedy text may diverge at
+text, and llama-perplexity on a short WikiText slice (4 x 128 tokens) agrees with the
+host build within 2% (x86 and Arm kernels round differently, so greedy text may diverge at
 near-ties and is not compared token by token)."""
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def q4_0_hybrid(smollm2_dir, llama, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_binaries_are_static_aarch64(arm64):
-    for tool in ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity"):
+    """The tools `make test` builds, and llama-cli where `make arm64` has built it too."""
+    tools = ["llama-completion", "llama-bench", "llama-perplexity"]
+    tools += ["llama-cli"] if (arm64.bin_dir / "llama-cli").exists() else []
+    for tool in tools:
         head = (arm64.bin_dir / tool).read_bytes()[:64]
         assert head[:4] == b"\x7fELF" and head[18] == 183, tool  # e_machine EM_AARCH64
         assert b"ld-linux" not in (arm64.bin_dir / tool).read_bytes()[:4096], f"{tool} is dynamically linked"
@@ -59,8 +62,10 @@ def test_arm64_generates_with_repacked_q4_0(arm64, q4_0_hybrid):
 
 @pytest.mark.slow
 def test_arm64_perplexity_matches_host(arm64, llama, q4_0_hybrid, wikitext, tmp_path):
+    """4 x 128 tokens: on 2 x 128 the two builds' Q4_0 rounding alone moved this ppl by 2.4% on an AVX2 host
+    (x86 repack 133.3, x86 plain 133.6, Arm plain 134.7, Arm repack 136.5); on 4 x 128 by 0.1%."""
     chunk = tmp_path / "wiki.txt"
-    chunk.write_text(wikitext.read_text(encoding="utf-8")[:6000], encoding="utf-8")
-    host, _ = llama.perplexity(q4_0_hybrid, chunk, ctx=128, chunks=2)
-    arm, _ = arm64.perplexity(q4_0_hybrid, chunk, ctx=128, chunks=2)
+    chunk.write_text(wikitext.read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    host, _ = llama.perplexity(q4_0_hybrid, chunk, ctx=128, chunks=4)
+    arm, _ = arm64.perplexity(q4_0_hybrid, chunk, ctx=128, chunks=4)
     assert arm == pytest.approx(host, rel=0.02), (arm, host)

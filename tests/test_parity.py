@@ -92,7 +92,8 @@ def test_tiny_family_parity(tiny_dirs, llama, tmp_path, family, outtype):
     spec, plan, model = hybrid(tiny_dirs[family], REPO / "examples/plans/tiny-all-kinds.json", out, outtype)
     tokens = torch.randint(0, spec.vocab_size, (N_POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
     if outtype == "f32":
-        assert all(torch.equal(load_hybrid(out).state_dict()[k], v) for k, v in model.state_dict().items())
+        reread = load_hybrid(out).state_dict()
+        assert all(torch.equal(reread[k], v) for k, v in model.state_dict().items())
     logs = check(llama, out, tokens, outtype)
     kv = parse_kv_cache(logs["batch"])
     assert kv.layers == sum(b.attention is not None for b in plan.blocks) == 2
