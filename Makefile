@@ -190,7 +190,7 @@ test-fast: setup smollm2 llama-src llama-tools
 
 DEMO_OUT  := build/demo
 DEMO_ARGS ?=
-# the main job: analyse -> plan (fuse 8) -> upcycle -> heal (100k tokens, about 9 min on 2 cores) -> GGUF,
+# the main job: analyse -> plan (fuse 8) -> upcycle -> heal (the default 640k tokens; README step 4) -> GGUF,
 # then the same prompt through the dense and the Dense2MoE model
 demo: setup smollm2 llama-tools
 	mkdir -p $(DEMO_OUT)
