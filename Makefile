@@ -54,7 +54,7 @@ CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
 
-.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-fast demo bench quantize clean distclean
+.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-deps test-fast demo bench quantize clean distclean
 
 help:
 	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
@@ -181,8 +181,13 @@ PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_S
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
 	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) D2M_LLAMA_ASAN_BIN=$(CURDIR)/$(ASAN_BIN)
 
-test: setup smollm2 llama-src llama-tools llama-stock llama-asan arm64-tools
+TEST_DEPS := setup smollm2 llama-src llama-tools llama-stock llama-asan arm64-tools
+test: $(TEST_DEPS)
 	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# what `make test` builds first, one name per line (.ci/run times each)
+test-deps:
+	@printf '%s\n' $(TEST_DEPS)
 
 # the quick loop while developing: the host build only (many fast tests run the patched tools), no slow tests
 test-fast: setup smollm2 llama-src llama-tools
