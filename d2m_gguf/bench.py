@@ -66,7 +66,7 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     request = v.request()
     variant = {k: x for k, x in asdict(v).items() if x is not None}
     settings = json.dumps({"variant": variant, "plan": repr(request), "outtype": outtype.value,
-                           "heal": _heal_key(heal)}, sort_keys=True)
+                           "heal": _heal_key(heal, guests=v.method == "lfuc")}, sort_keys=True)
     if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
         return out
     t = time.monotonic()
@@ -81,10 +81,14 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     return out
 
 
-def _heal_key(heal: HealSettings) -> dict:
-    return {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
-            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision,
-            "freeze_guests": heal.freeze_guests}
+def _heal_key(heal: HealSettings, guests: bool = True) -> dict:
+    """The healing settings a built variant depends on; `guests=False` (a plan without guest experts, such as
+    pruning) leaves out freeze_guests, so `--freeze-guests` reuses the baselines built without it."""
+    key = {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
+           "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
+    if guests:
+        key["freeze_guests"] = heal.freeze_guests
+    return key
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .errors import D2MError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = REPO / "build" / "llama.cpp" / "bin"
+QEMU = ("qemu-aarch64-static", "-cpu", "max")   # runs the arm64 build here (NEON, dotprod, i8mm)
 
 
 @dataclass(frozen=True)

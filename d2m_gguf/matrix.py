@@ -34,7 +34,7 @@ from .bench import Variant, _heal_key, _write_table, build_variant, llama_bench
 from .costmodel import gguf_cost, load_devices
 from .errors import D2MError
 from .ggufout import OutType
-from .llamacpp import REPO, LlamaCpp
+from .llamacpp import QEMU, REPO, LlamaCpp
 from .pipeline import ConvertRequest, HealSettings, run
 from .quantize import quantize_file, recipe_names
 
@@ -45,7 +45,6 @@ RECIPES = ("host", "phone-i8mm", "phone-dotprod", "rpi5")
 KNOWN_QUANTS = set(PLAIN_QUANTS) | {"F32", "BF16", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
                                     "Q4_K_S", "Q5_K_S", "IQ4_XS", "Q4_K", "Q5_K", "Q3_K"}
 PHONES = ("phone-i8mm", "phone-i8mm-g2", "phone-dotprod", "rpi5")
-QEMU = ("qemu-aarch64-static", "-cpu", "max")
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,39 @@ class MatrixVariant:
 # The arm64-vs-host perplexity check (here and in tests/test_arm64.py): 4 x 128 tokens of WikiText. On
 # 2 x 128 the two builds' Q4_0 rounding alone moved a SmolLM2 hybrid's ppl by 2.4% (AVX2 host); on 4 x 128 by 0.1%.
 ARM64_CHECK_CTX, ARM64_CHECK_CHUNKS, ARM64_CHECK_CHARS = 128, 4, 12_000
+ARM64_CHECK_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Arm64Check:
+    """One model's perplexity from the arm64 build under qemu and from the host build, on the same text."""
+
+    arm64: float
+    host: float
+
+    @property
+    def agrees(self) -> bool:
+        return abs(self.arm64 / self.host - 1) <= ARM64_CHECK_TOLERANCE
+
+    def __str__(self) -> str:
+        return f"{'yes' if self.agrees else 'NO'} (arm64 {self.arm64:.3f} / host {self.host:.3f})"
+
+
+def arm64_check_text(wikitext: Path, out: Path) -> Path:
+    """The text the check reads: the start of WikiText, enough for its chunks and cheap to tokenize under qemu."""
+    out.write_text(Path(wikitext).read_text(encoding="utf-8")[:ARM64_CHECK_CHARS], encoding="utf-8")
+    return out
+
+
+def arm64_check(host: LlamaCpp, arm64: LlamaCpp, model: Path, text: Path, logs: Path | None = None,
+                ctx: int = ARM64_CHECK_CTX, chunks: int = ARM64_CHECK_CHUNKS) -> Arm64Check:
+    """Same model, same text, both builds: the arm64 kernels (repack, dotprod, i8mm) must read what the host reads."""
+    h, hlog = host.perplexity(model, text, ctx=ctx, chunks=chunks)
+    a, alog = arm64.perplexity(model, text, ctx=ctx, chunks=chunks)
+    if logs is not None:
+        (logs / f"arm64-{model.stem}.log").write_text(alog)
+        (logs / f"arm64-host-{model.stem}.log").write_text(hlog)
+    return Arm64Check(arm64=a, host=h)
 
 
 @dataclass
@@ -391,18 +423,12 @@ def _arm64_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], 
             rows[k]["arm64_ppl_agree"] = why
         return
     arm = LlamaCpp(bin_dir, wrapper=QEMU, threads=req.llama.threads)
-    slice_file = logs.parent / "wikitext-slice.txt"
-    slice_file.write_text(Path(req.wikitext).read_text(encoding="utf-8")[:ARM64_CHECK_CHARS], encoding="utf-8")
+    text = arm64_check_text(req.wikitext, logs.parent / "wikitext-slice.txt")
     for k in picked:
         f = files[k]
         try:
             say(f"arm64 under qemu: {f.name} (ctx {req.qemu_ctx} x {req.qemu_chunks} chunks)")
-            host, hlog = req.llama.perplexity(f, slice_file, ctx=req.qemu_ctx, chunks=req.qemu_chunks)
-            a, alog = arm.perplexity(f, slice_file, ctx=req.qemu_ctx, chunks=req.qemu_chunks)
-            (logs / f"arm64-{f.stem}.log").write_text(alog)
-            (logs / f"arm64-host-{f.stem}.log").write_text(hlog)
-            rel = abs(a / host - 1)
-            rows[k]["arm64_ppl_agree"] = f"{'yes' if rel <= 0.02 else 'NO'} (arm64 {a:.3f} / host {host:.3f})"
+            rows[k]["arm64_ppl_agree"] = str(arm64_check(req.llama, arm, f, text, logs, req.qemu_ctx, req.qemu_chunks))
         except Exception as e:  # noqa: BLE001
             rows[k]["arm64_ppl_agree"] = f"failed: {_fmt_err(e)}"
 

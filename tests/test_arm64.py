@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from d2m_gguf.llamacpp import LlamaCpp, parse_kv_cache
-from d2m_gguf.matrix import ARM64_CHECK_CHARS, ARM64_CHECK_CHUNKS, ARM64_CHECK_CTX
+from d2m_gguf.llamacpp import QEMU, LlamaCpp, parse_kv_cache
+from d2m_gguf.matrix import arm64_check, arm64_check_text
 
 from .conftest import REPO, _env_path, _require
 from .test_parity import hybrid
-
-QEMU = ("qemu-aarch64-static", "-cpu", "max")
-
 
 @pytest.fixture(scope="module")
 def arm64() -> LlamaCpp:
@@ -65,8 +62,5 @@ def test_arm64_generates_with_repacked_q4_0(arm64, q4_0_hybrid):
 def test_arm64_perplexity_matches_host(arm64, llama, q4_0_hybrid, wikitext, tmp_path):
     """The check `make bench` runs (4 x 128 tokens): on 2 x 128 this model's ppl moved 2.4% between builds on an
     AVX2 host from Q4_0 rounding alone (x86 repack 133.3, x86 plain 133.6, Arm plain 134.7, Arm repack 136.5)."""
-    chunk = tmp_path / "wiki.txt"
-    chunk.write_text(wikitext.read_text(encoding="utf-8")[:ARM64_CHECK_CHARS], encoding="utf-8")
-    host, _ = llama.perplexity(q4_0_hybrid, chunk, ctx=ARM64_CHECK_CTX, chunks=ARM64_CHECK_CHUNKS)
-    arm, _ = arm64.perplexity(q4_0_hybrid, chunk, ctx=ARM64_CHECK_CTX, chunks=ARM64_CHECK_CHUNKS)
-    assert arm == pytest.approx(host, rel=0.02), (arm, host)
+    check = arm64_check(llama, arm64, q4_0_hybrid, arm64_check_text(wikitext, tmp_path / "wiki.txt"))
+    assert check.agrees, check
