@@ -113,13 +113,18 @@ $(LLAMA_SRC)/.pin-$(LLAMA_VER): $(LLAMA_SDIST)
 	rm -f build/.src-tmp/.git && mv build/.src-tmp $(LLAMA_SRC)
 	touch $@
 
+# The llama.cpp source sits inside this checkout, but git must not see our repository from it: `git apply`
+# would resolve paths against our root, and llama.cpp's build-info would stamp our commit into --version
+# (the sdist has no .git, so it says "unknown").
+OUTSIDE_GIT := GIT_CEILING_DIRECTORIES=$(CURDIR)/build
 # $(call llama_configure,NAME,PATCHES,EXTRA_CMAKE): copy the pristine source to build/NAME/src (mtimes
 # kept, so an unchanged file is never recompiled), apply the patches and configure build/NAME/build.
 define llama_configure
 	rm -rf build/$(1)/src && cp -a $(LLAMA_SRC) build/$(1)/src
-	for p in $(2); do GIT_CEILING_DIRECTORIES=$(CURDIR)/build git -C build/$(1)/src apply $(CURDIR)/$$p \
+	for p in $(2); do $(OUTSIDE_GIT) git -C build/$(1)/src apply $(CURDIR)/$$p \
 	  || { echo "error: $$p does not apply to $(LLAMA_PKG)"; exit 1; }; done
-	cmake -S build/$(1)/src -B build/$(1)/build $(CMAKE_COMMON) $(3) > build/$(1)/configure.log \
+	$(OUTSIDE_GIT) cmake -S build/$(1)/src -B build/$(1)/build $(CMAKE_COMMON) $(3) \
+	  > build/$(1)/configure.log \
 	  || { cat build/$(1)/configure.log; exit 1; }
 endef
 # $(call llama_targets,NAME,TOOLS,BIN): build the tools in a configured build/NAME and copy them to BIN
