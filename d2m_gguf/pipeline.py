@@ -56,7 +56,7 @@ class HealSettings:
     block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
     seed: int = 0                       # router fit (its held-out split and draws)
-    freeze_guests: bool = False         # guests keep their pretrained weights (heal.frozen_guests)
+    freeze_guests: bool = True          # guests keep their pretrained weights (heal.frozen_guests; README)
 
     @property
     def enabled(self) -> bool:
@@ -313,7 +313,7 @@ class HealRequest:
     text: Path | None = None
     ctx: int = 256
     e2e: E2EConfig = field(default_factory=E2EConfig)
-    freeze_guests: bool = False         # guests keep the weights the student has (heal.frozen_guests)
+    freeze_guests: bool = True          # guests keep the weights the student has (heal.frozen_guests)
     progress: bool = True
 
 

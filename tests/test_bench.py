@@ -255,10 +255,10 @@ def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     assert float(rows["dense"]["measured_speedup"]) == 1.0 and all(float(r["decode_ts"]) > 0 for r in rows.values())
     assert (out / "lfuc.md").read_text().count("\n| ") == 4
 
-    # --freeze-guests rebuilds LF-UC only: the pruning baseline has no guests, so its build is reused
+    # --train-guests rebuilds LF-UC only: the pruning baseline has no guests, so its build is reused
     built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.gguf")}
     lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32,
-                                heal=HealSettings(tokens=2048, freeze_guests=True), wikitext=wikitext, ctx=128,
+                                heal=HealSettings(tokens=2048, freeze_guests=False), wikitext=wikitext, ctx=128,
                                 chunks=3, results=tmp_path, progress=False), llama)
     rebuilt = {p.name for p in (tmp_path / "work").rglob("*.gguf") if p.stat().st_mtime_ns != built.get(p.name)}
     assert rebuilt == {"lfuc-1-f32.gguf"}, rebuilt

@@ -255,8 +255,9 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
 
     hf = tiny_dirs["llama"]
     up, healed, out = tmp_path / "upcycled", tmp_path / "healed", tmp_path / "healed.gguf"
+    # random routers, so the guest experts get tokens (and gradients, where they are trained) from the start
     proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
-                   "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
+                   "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
     common = ("--teacher", hf, "--text", calibration_text, "--ctx", "64", "--lr", "1e-3", "--quiet")
     proc = run_cli("-m", "d2m_gguf", "heal", up, healed, "--tokens", "2048", "--minutes", "0", *common)
@@ -268,18 +269,19 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
     assert first == 2048 and torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"] == 4096
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    # --freeze-guests: the guest experts stay as the student has them, the hosts heal
+    # by default the guest experts stay as the student has them and the hosts heal; --train-guests trains them
     from d2m_gguf.hf_export import load_hf_plan
-    frozen = tmp_path / "frozen"
-    proc = run_cli("-m", "d2m_gguf", "heal", up, frozen, "--tokens", "2048", "--minutes", "0", "--freeze-guests",
+    trained = tmp_path / "trained"
+    proc = run_cli("-m", "d2m_gguf", "heal", up, trained, "--tokens", "2048", "--minutes", "0", "--train-guests",
                    *common)
     assert proc.returncode == 0, proc.stderr
-    kept = load_hf_checkpoint(frozen).state_dict()
+    retrained = load_hf_checkpoint(trained).state_dict()
     moe = [(j, b.split) for j, b in enumerate(load_hf_plan(up, 6).blocks) if b.moe and len(b.mlp) > 1]
     assert moe
     for j, host in moe:
         key = f"blocks.{j}.ffn.ffn_up_exps"
-        assert torch.equal(kept[key][host:], before[key][host:]) and not torch.equal(kept[key], before[key])
+        assert torch.equal(after[key][host:], before[key][host:]) and not torch.equal(after[key], before[key])
+        assert not torch.equal(retrained[key][host:], before[key][host:])
     proc = run_cli("convert.py", hf, out, "--from-checkpoint", healed, "--outtype", "f32", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert validate_gguf(out) == []
