@@ -83,7 +83,7 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
 
 def _heal_key(heal: HealSettings, guests: bool = True) -> dict:
     """The healing settings a built variant depends on; `guests=False` (a plan without guest experts, such as
-    pruning) leaves out freeze_guests, so `--freeze-guests` reuses the baselines built without it."""
+    pruning) leaves out freeze_guests, so switching `--freeze-guests/--train-guests` rebuilds LF-UC only."""
     key = {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
     if guests:

@@ -19,6 +19,7 @@ from d2m_gguf.matrix import arm64_check, arm64_check_text
 from .conftest import REPO, _env_path, _require
 from .test_parity import hybrid
 
+
 @pytest.fixture(scope="module")
 def arm64() -> LlamaCpp:
     bin_dir = _env_path("D2M_LLAMA_ARM64_BIN", REPO / "build" / "llama.cpp-arm64" / "bin")
