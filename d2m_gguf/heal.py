@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .errors import D2MError
 from .model import Block, HybridModel, MoEFFN, load_balance, rope_cos_sin
-from .plan import FusionPlan
+from .plan import FusionPlan, block_spans, trained_blocks
 
 
 # -- training precision ----------------------------------------------------------------------
@@ -60,27 +60,6 @@ def autocast(model: torch.nn.Module, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# -- which source layers each block stands for ---------------------------------------------------
-
-def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
-    """[start, end) source-layer span of each block: from its lowest source to the next block's.
-
-    Layers that no block uses (pruned) go to the nearer of the blocks on either side (ties to the one
-    before), as LF-UC's nearest attach places a removed layer's MLP: a pruned run is then healed by both
-    its neighbours, each standing for half of it, instead of by the block before it alone (measured on
-    SmolLM2 pruning 8 layers, 640k healing tokens: WikiText ppl 46.2 against 47.9)."""
-    sources = [[*b.mlp, *([b.attention] if b.attention is not None else [])] for b in plan.blocks]
-    used = {s for block in sources for s in block}
-    starts = [0]
-    for before, block in zip(sources, sources[1:]):
-        last, first = max(before), min(block)
-        nearer = [r for r in range(last + 1, first) if r not in used and first - r < r - last]
-        starts.append(min(nearer, default=first))
-    if any(b <= a for a, b in zip(starts, starts[1:])):
-        raise D2MError("block-local healing needs blocks whose sources increase monotonically")
-    return list(zip(starts, starts[1:] + [plan.source_layers]))
-
-
 @contextmanager
 def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
     """Inside the `with`, every guest expert (the experts cut from a block's non-host source MLPs) keeps its
@@ -99,13 +78,6 @@ def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def trained_blocks(plan: FusionPlan) -> list[int]:
-    """Blocks that are not a copy of one source layer (those are exact and stay frozen)."""
-    spans = block_spans(plan)
-    return [j for j, (b, (s, e)) in enumerate(zip(plan.blocks, spans))
-            if not (b.attention == s and b.mlp == (s,) and not b.moe and e == s + 1)]
 
 
 # -- teacher activations -----------------------------------------------------------------------

@@ -238,7 +238,7 @@ def test_healing_curve_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
 def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     """`d2m bench lfuc`: dense + each method at each size, equal healing tokens, one llama-bench run, and each
     method's paired ratio to the pruning baseline of its size (the baseline itself gets none)."""
-    from d2m_gguf.bench import LfucTableRequest, lfuc_table
+    from d2m_gguf.bench import LfucTableRequest, _heal_key, lfuc_table
     from d2m_gguf.ggufout import OutType
 
     out = lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32, heal=HealSettings(tokens=2048),
@@ -256,6 +256,8 @@ def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     assert (out / "lfuc.md").read_text().count("\n| ") == 4
 
     # --train-guests rebuilds LF-UC only: the pruning baseline has no guests, so its build is reused
+    key = lambda guests, **kw: _heal_key(HealSettings(**kw), guests=guests)
+    assert key(True, min_expert_share=0.0) != key(True) and key(False, min_expert_share=0.0) == key(False)
     built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.gguf")}
     lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32,
                                 heal=HealSettings(tokens=2048, freeze_guests=False), wikitext=wikitext, ctx=128,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -12,9 +13,8 @@ from d2m_gguf.analysis import LayerScores, analyze
 from d2m_gguf.checkpoint import Checkpoint
 from d2m_gguf.costmodel import WeightTypes, gguf_cost, load_devices, planned_cost
 from d2m_gguf.data import Tokenizer, perplexity, read_text, token_chunks
-from d2m_gguf.heal import (BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, block_spans,
-                           distill_e2e, trained_blocks)
-from d2m_gguf.plan import identity_plan, parse_plan
+from d2m_gguf.heal import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, distill_e2e
+from d2m_gguf.plan import block_spans, identity_plan, parse_plan, trained_blocks
 from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
 from d2m_gguf.reader import load_hybrid, validate_gguf
 from d2m_gguf.spec import load_dense_spec
@@ -221,6 +221,27 @@ def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, l
     assert healing["expert_usage"]
     text, log = llama.complete(out, "Hello", n=4)
     assert text.strip()
+
+
+def test_idle_experts_are_dropped_and_blocks_written_dense(tiny_dirs, calibration_text, llama, tmp_path):
+    """After healing, experts under --min-expert-share of the calibration tokens are dropped (1: all but each
+    block's most used one): every routed block is written dense and llama.cpp runs the file."""
+    out = tmp_path / "m.gguf"
+    proc = run_cli("convert.py", tiny_dirs["llama"], out, "--fuse", "2", "--heal-tokens", "2048", "--min-expert-share",
+                   "1", "--text", calibration_text, "--ctx", "64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    work = tmp_path / "m.gguf.d2m"
+    routed = {str(j): b["mlp"] for j, b in enumerate(json.loads((work / "plan.json").read_text())["blocks"])
+              if len(b["mlp"]) > 1}
+    healing = json.loads((work / "heal.json").read_text())
+    kept = {j: routed[j][max(range(len(u)), key=u.__getitem__)] for j, u in healing["expert_usage"].items()}
+    assert routed and healing["idle_experts_dropped"] == {j: [s for s in m if s != kept[j]] for j, m in routed.items()}
+    assert set(json.loads((work / "summary.json").read_text())["plan"]["kinds"]) == {"attn+dense"}
+    assert validate_gguf(out) == [] and not any("exps" in t.name for t in gguf.GGUFReader(out).tensors)
+    text, _ = llama.complete(out, "Hello", n=4)
+    assert text.strip()
+    proc = run_cli("convert.py", tiny_dirs["llama"], out, "--fuse", "2", "--min-expert-share", "2", "--quiet")
+    assert proc.returncode != 0 and "--min-expert-share" in proc.stderr
 
 
 def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, tmp_path):

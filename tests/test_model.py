@@ -60,6 +60,59 @@ def test_host_router_is_pruning(tiny_dirs):
         assert nmse(b(t).numpy(), a(t).numpy()) < 1e-10
 
 
+def test_pruned_blocks_that_heal_carry_their_norm_gain_folded(tiny_dirs):
+    """A dense block that stands for a pruned layer (healing trains it) gets its FFN norm gain folded into
+    gate/up, the parametrisation LF-UC's routed blocks heal in, and still computes dropping that layer;
+    blocks that copy one layer keep their norm as it is."""
+    pruned = {"source_layers": 6, "blocks": [{"attention": i, "mlp": [i]} for i in (0, 1, 3, 4, 5)]}
+    spec, _, dense = build(tiny_dirs["qwen2"], identity_plan(6))
+    _, plan, model = build(tiny_dirs["qwen2"], pruned)
+    ckpt = Checkpoint(tiny_dirs["qwen2"])
+    gain = torch.from_numpy(ckpt.get("model.layers.1.post_attention_layernorm.weight")).float()
+    assert not torch.allclose(gain, torch.ones_like(gain))   # the tiny model's gains are not 1: folding shows
+    healed = model.blocks[1]
+    assert torch.equal(healed.ffn_norm.weight, torch.ones_like(gain))
+    assert torch.equal(healed.ffn.ffn_gate.weight, dense.blocks[1].ffn.ffn_gate.weight * gain)
+    assert torch.equal(model.blocks[2].ffn_norm.weight, dense.blocks[3].ffn_norm.weight)
+    del dense.blocks[2]
+    t = tokens(spec.vocab_size)
+    with torch.no_grad():
+        assert nmse(model(t).numpy(), dense(t).numpy()) < 1e-10
+
+
+def test_idle_experts_are_dropped_and_the_output_is_kept(tiny_dirs):
+    """Experts the router never picks are removed: a block left with one expert (here the guest: the host
+    is idle) becomes dense, a block keeping two loses only the idle one, and the logits stay the same."""
+    from d2m_gguf.pipeline import expert_usage
+    from d2m_gguf.upcycle import drop_idle_experts
+
+    fused = {"source_layers": 6, "router_init": "random", "blocks": [
+        {"attention": 0, "mlp": [0]}, {"attention": 1, "mlp": [1, 2], "top_k": 1},
+        {"attention": 3, "mlp": [3, 4, 5], "top_k": 1}]}
+    spec, plan, model = build(tiny_dirs["qwen2"], fused)
+    t = tokens(spec.vocab_size, 96)
+    moe = model.blocks[2].ffn
+    seen = []
+    hook = moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, spec.n_embd)))
+    with torch.no_grad():
+        model.blocks[1].ffn.ffn_gate_inp.bias[:] = torch.tensor([-1e4, 0.0])     # layer 2's guest only
+        model(t)
+        hook.remove()
+        projection = seen[0] @ moe.ffn_gate_inp.weight[1]                        # host or layer 4's guest, half
+        moe.ffn_gate_inp.weight[0] = 0.0                                         # the tokens each; layer 5's idle
+        moe.ffn_gate_inp.bias[:] = torch.tensor([0.0, -projection.median().item(), -1e4])
+    usage = expert_usage(model, t)
+    assert usage[1] == [0.0, 1.0] and usage[2][2] == 0.0 and 0.0 < usage[2][1] < 1.0
+    dropped, new_plan = drop_idle_experts(model, plan, spec, usage, min_share=0.001)
+    assert [b.kind for b in new_plan.blocks] == ["attn+dense", "attn+dense", "attn+moe"]
+    assert new_plan.blocks[1].mlp == (2,) and new_plan.blocks[1].attention == 1 and new_plan.blocks[2].mlp == (3, 4)
+    assert new_plan.notes["idle_experts_dropped"] == {"1": [1], "2": [5]}
+    assert dropped.blocks[2].ffn.ffn_gate_inp.weight.shape == (2, spec.n_embd)
+    with torch.no_grad():
+        assert nmse(dropped(t).numpy(), model(t).numpy()) < 1e-12
+    assert drop_idle_experts(model, plan, spec, usage, min_share=0.0) == (model, plan)   # 0 keeps every expert
+
+
 def test_all_experts_of_identical_inputs_is_the_dense_mlp(tiny_dirs):
     """top-k = all experts over copies of one MLP, renormalised, folds back to that MLP exactly."""
     dense = identity_plan(6)
