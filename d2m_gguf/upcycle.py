@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from .checkpoint import Checkpoint
+from .errors import D2MError
 from .model import BlockConfig, HybridConfig, HybridModel
 from .plan import BlockPlan, FusionPlan, trained_blocks, validate_plan
 from .spec import DenseSpec
@@ -95,7 +96,10 @@ def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) 
     if not spec.tie_word_embeddings:
         model.output.weight.copy_(src.get("lm_head.weight"))
 
-    healed = set(trained_blocks(plan))
+    try:
+        healed = set(trained_blocks(plan))
+    except D2MError:   # sources not monotonic: block-local healing refuses the plan, so nothing is trained
+        healed = set()
     for j, (block, b) in enumerate(zip(model.blocks, plan.blocks)):
         if b.attention is not None:
             _copy_attention(block.attn, src, b.attention, spec)
