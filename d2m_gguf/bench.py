@@ -84,12 +84,13 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
 def _heal_key(heal: HealSettings, guests: bool = True) -> dict:
     """The healing settings a built variant depends on; `guests=False` (a plan without guest experts, such as
     pruning) leaves out the guests' settings, so switching `--freeze-guests/--train-guests` or
-    `--min-expert-share` rebuilds LF-UC only."""
+    `--min-expert-share` or `--host-first` rebuilds LF-UC only."""
     key = {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
            "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
     if guests:
         key["freeze_guests"] = heal.freeze_guests
         key["min_expert_share"] = heal.min_expert_share
+        key["host_first"] = heal.host_first
     return key
 
 

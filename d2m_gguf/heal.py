@@ -80,6 +80,22 @@ def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
             handle.remove()
 
 
+@contextmanager
+def frozen_routers(model: HybridModel, enabled: bool = True):
+    """Inside the `with`, every router keeps its weights (no gradient). From the `host` initialisation every
+    token then takes its block's host, so a routed block heals exactly as the pruned model's dense block does
+    (`HealSettings.host_first`). `enabled=False` changes nothing."""
+    routers = [m.ffn_gate_inp for m in model.modules() if enabled and isinstance(m, MoEFFN)]
+    params = [(p, p.requires_grad) for r in routers for p in r.parameters()]
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, was in params:
+            p.requires_grad_(was)
+
+
 # -- teacher activations -----------------------------------------------------------------------
 
 class TeacherCache:
@@ -156,15 +172,16 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
 
 
-def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin):
-    """(student output, router loss, balance loss) of one block on teacher input x."""
+def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin, router_target: bool = True):
+    """(student output, router loss, balance loss) of one block on teacher input x; `router_target=False`
+    skips the router's oracle target (every expert's output on a few tokens) when no router learns from it."""
     a = block.attn(x, cos, sin) if block.has_attention else None
     hres = x if a is None else x + a
     h = block.ffn_norm(hres)
     if isinstance(block.ffn, MoEFFN):
         shape = h.shape
-        out, router, balance = moe_train_forward(block.ffn, h.reshape(-1, shape[-1]),
-                                                 (x_out - hres).reshape(-1, shape[-1]).detach())
+        target = (x_out - hres).reshape(-1, shape[-1]).detach() if router_target else None
+        out, router, balance = moe_train_forward(block.ffn, h.reshape(-1, shape[-1]), target)
         return hres + out.reshape(shape), router, balance
     zero = torch.zeros(())
     return hres + block.ffn(h), zero, zero
@@ -279,7 +296,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     log = StageLog("block-local")
     if not blocks:
         return log
-    params = [p for j in blocks for p in model.blocks[j].parameters()]
+    params = [p for j in blocks for p in model.blocks[j].parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, t = next(iter(cache.maps.values())).shape[:2]
     rng = np.random.default_rng(cfg.seed)
@@ -295,7 +312,8 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
             s, e = spans[j]
             x, y = cache.get(s, idx), cache.get(e, idx)
             with autocast(model, cfg.precision):
-                out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin)
+                out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin,
+                                                           router_target=cfg.router_weight > 0)
             rel = relative_error(out.float(), y)
             loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
             loss.backward()

@@ -182,13 +182,14 @@ class MoEFFN(nn.Module):
 
         Top-1 with renormalisation always weighs the chosen expert 1, so the loss would send the
         router no gradient; in training the weight is p / stop_grad(p): still 1, with the
-        gradient of log p (straight through), so distillation can teach the router too."""
+        gradient of log p (straight through), so distillation can teach the router too. A frozen
+        router (heal.frozen_routers) learns nothing, so it sends no such gradient into h either."""
         probs = torch.softmax(self.ffn_gate_inp(h).float(), dim=-1)
         picked, selected = torch.topk(probs, self.n_expert_used, dim=-1)
         weights = picked
         if self.normalize:
             weights = picked / picked.sum(-1, keepdim=True).clamp_min(_TOPK_SUM_MIN)
-            if self.training and self.n_expert_used == 1:
+            if self.training and self.n_expert_used == 1 and self.ffn_gate_inp.weight.requires_grad:
                 weights = weights * picked / picked.detach()
         return probs, selected, weights
 

@@ -25,7 +25,7 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .errors import D2MError
 from .ggufout import OutType
 from .heal import (BlockLocalConfig, Budget, E2EConfig, StageLog, TeacherCache, block_local_distill, RouterFitConfig,
-                   distill_e2e, fit_routers, frozen_guests)
+                   distill_e2e, fit_routers, frozen_guests, frozen_routers)
 from .atomic import check_output_path
 from .hybrid_export import export_hybrid, hybrid_tensors
 from .model import HybridModel
@@ -59,6 +59,7 @@ class HealSettings:
     seed: int = 0                       # router fit (its held-out split and draws)
     freeze_guests: bool = True          # guests keep their pretrained weights (heal.frozen_guests; README)
     min_expert_share: float = 0.001     # healed experts picked for fewer of the tokens are dropped (upcycle)
+    host_first: bool = True             # block-local heals hosts alone, then the router fit admits guests
 
     @property
     def enabled(self) -> bool:
@@ -93,24 +94,62 @@ def calibration(hf_dir: Path, text: Path | None, ctx: int, max_chunks: int | Non
     return token_chunks(tok.encode(read_text(source)), ctx, max_chunks, tok.bos, where=f"{source} (--ctx {ctx})")
 
 
-def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor, settings: HealSettings,
-         work_dir: Path, progress: bool = True) -> list[StageLog]:
+@dataclass
+class Healed:
+    """What healing leaves: the model and its plan (host-first healing may have written routed blocks dense),
+    the stages' logs, and (host first) the expert usage the dropping before end-to-end healing went by."""
+
+    model: HybridModel
+    plan: FusionPlan
+    logs: list[StageLog]
+    usage_after_router_fit: dict[int, list[float]] = field(default_factory=dict)
+
+
+def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
+         settings: HealSettings, work_dir: Path, progress: bool = True) -> Healed:
     """Block-local distillation of the fused blocks (with router fitting), then end-to-end distillation.
 
+    Host first (`settings.host_first`), the experts the fitted routers leave idle are dropped between the two
+    stages, so a block whose guests the fit did not admit heals end to end as the pruned model's block does.
     Always from the upcycled model, and without an end-to-end checkpoint: one left in `work_dir` by an
     earlier run (another plan or budget, same shapes) would be resumed over this run's block-local result,
     and a model's with its optimiser state is 1.3 GB for SmolLM2. Resuming is `d2m heal`'s job."""
     logs: list[StageLog] = []
+    usage: dict[int, list[float]] = {}
     torch.manual_seed(settings.block_local.seed)
     blocks = trained_blocks(plan)
-    with frozen_guests(model, plan, settings.freeze_guests):
-        if blocks and settings.block_local_fraction > 0:
+    if blocks and settings.block_local_fraction > 0:
+        with frozen_guests(model, plan, settings.freeze_guests):
             logs += _block_local_stages(model, teacher, plan, chunks, settings, blocks, work_dir, progress)
-        if settings.block_local_fraction < 1:
+        if _host_first(settings, plan):
+            model, plan, usage = _drop_idle(model, plan, spec, chunks, settings.min_expert_share)
+            if "idle_experts_dropped" in plan.notes:
+                log.info("after the router fit, unrouted experts dropped (block: source layers): %s",
+                         plan.notes["idle_experts_dropped"])
+    if settings.block_local_fraction < 1:
+        with frozen_guests(model, plan, settings.freeze_guests):
             logs.append(distill_e2e(model, teacher, chunks, settings.stage_budget(1 - settings.block_local_fraction),
                                     settings.e2e, checkpoint=None, progress=progress))
     write_heal_logs(logs, work_dir)
-    return logs
+    return Healed(model, plan, logs, usage)
+
+
+def _drop_idle(model: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
+               min_share: float) -> tuple[HybridModel, FusionPlan, dict[int, list[float]]]:
+    """The expert usage on (up to) 16 calibration sequences, and the model and plan without the experts used
+    less than `min_share` (upcycle.drop_idle_experts)."""
+    usage = expert_usage(model, chunks[:16])
+    model, plan = drop_idle_experts(model, plan, spec, usage, min_share)
+    return model, plan, usage
+
+
+def _rounded(usage: dict[int, list[float]]) -> dict[str, list[float]]:
+    return {str(j): [round(u, 3) for u in v] for j, v in usage.items()}
+
+
+def _host_first(settings: HealSettings, plan: FusionPlan) -> bool:
+    """Host-first healing needs routers that start on the host (`host`, or `fit`, which starts there)."""
+    return settings.host_first and plan.router_init in ("host", "fit")
 
 
 def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
@@ -124,18 +163,30 @@ def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPl
     cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
     log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
              cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
+    # host first: every token on its host (routers frozen at the host initialisation), the pruned model's
+    # healing step for step; the router fit then admits a guest only where it lowers the healed block's error
+    host_first = _host_first(settings, plan)
+    local = (replace(settings.block_local, router_weight=0.0, balance_weight=0.0) if host_first
+             else settings.block_local)
     try:
-        if plan.router_init == "fit":
-            fits = fit_routers(model, plan, cache, RouterFitConfig(seed=settings.seed))
-            for j, r in fits.items():
-                log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
-                         r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
-            logs.append(StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()]))
-        logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
-                                        settings.block_local, progress=progress))
+        if plan.router_init == "fit" and not host_first:
+            logs.append(_fit_routers(model, plan, cache, settings.seed))
+        with frozen_routers(model, host_first):
+            logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
+                                            local, progress=progress))
+        if plan.router_init == "fit" and host_first:
+            logs.append(_fit_routers(model, plan, cache, settings.seed))
     finally:
         cache.close()
     return logs
+
+
+def _fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache, seed: int) -> StageLog:
+    fits = fit_routers(model, plan, cache, RouterFitConfig(seed=seed))
+    for j, r in fits.items():
+        log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
+                 r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
+    return StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()])
 
 
 def write_heal_logs(logs: list[StageLog], work_dir: Path) -> None:
@@ -259,24 +310,27 @@ def run(req: ConvertRequest) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     healing = None
     if req.heal.enabled:
-        logs = heal(model, teacher, plan, chunks, req.heal.seeded(req.seed), work, progress=req.progress)
+        healed = heal(model, teacher, plan, spec, chunks, req.heal.seeded(req.seed), work, progress=req.progress)
+        model, plan, logs = healed.model, healed.plan, healed.logs
         healing = {"minutes": req.heal.minutes, "tokens_budget": req.heal.tokens,
                    "block_local_fraction": req.heal.block_local_fraction, "freeze_guests": req.heal.freeze_guests,
+                   "host_first": req.heal.host_first,
                    "stages": [{"stage": s.stage, "tokens": s.tokens, "seconds": round(s.seconds, 1),
                                "final": s.rows[-1] if s.rows else {}} for s in logs],
                    "calibration_tokens": int(chunks.numel()),
                    "settings": {"block_local": asdict(req.heal.block_local), "e2e": asdict(req.heal.e2e)}}
-        usage = expert_usage(model, chunks[: min(16, len(chunks))])
-        if usage:
-            healing["expert_usage"] = {str(j): [round(u, 3) for u in v] for j, v in usage.items()}
-            model, kept = drop_idle_experts(model, plan, spec, usage, req.heal.min_expert_share)
-            if kept is not plan:
-                plan = kept
-                healing["idle_experts_dropped"] = plan.notes["idle_experts_dropped"]
-                summary["plan"] = plan_summary(plan)
-                log.info("experts picked for under %.2g of the calibration tokens dropped (block: source layers): %s; "
-                         "now %s", req.heal.min_expert_share, plan.notes["idle_experts_dropped"],
-                         json.dumps(plan_summary(plan)["kinds"]))
+        if healed.usage_after_router_fit:
+            healing["expert_usage_after_router_fit"] = _rounded(healed.usage_after_router_fit)
+        before = plan
+        model, plan, usage = _drop_idle(model, plan, spec, chunks, req.heal.min_expert_share)
+        healing["expert_usage"] = _rounded(usage)
+        if plan is not before:
+            log.info("experts picked for under %.2g of the calibration tokens dropped (block: source layers): %s; "
+                     "now %s", req.heal.min_expert_share, plan.notes["idle_experts_dropped"],
+                     json.dumps(plan_summary(plan)["kinds"]))
+        if "idle_experts_dropped" in plan.notes:
+            healing["idle_experts_dropped"] = plan.notes["idle_experts_dropped"]
+        summary["plan"] = plan_summary(plan)
         (work / "heal.json").write_text(json.dumps(healing, indent=1) + "\n", encoding="utf-8")
     elif plan.router_init == "fit" and any(b.moe for b in plan.blocks):
         log.warning("router_init 'fit' without healing: routers keep their host initialisation (the pruned model)")

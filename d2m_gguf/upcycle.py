@@ -168,6 +168,8 @@ def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usa
             del state[prefix + name]
     if not dropped:
         return model, plan
+    earlier = plan.notes.get("idle_experts_dropped", {})   # dropped by an earlier call (host-first healing)
+    dropped = {j: sorted(earlier.get(j, []) + dropped.get(j, [])) for j in sorted({*earlier, *dropped}, key=int)}
     pruned = replace(plan, blocks=tuple(blocks), notes={**plan.notes, "idle_experts_dropped": dropped})
     validate_plan(pruned, n_layer=spec.n_layer, n_ff=spec.n_ff)
     out = HybridModel(hybrid_config(spec, pruned))

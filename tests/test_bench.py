@@ -257,7 +257,8 @@ def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
 
     # --train-guests rebuilds LF-UC only: the pruning baseline has no guests, so its build is reused
     key = lambda guests, **kw: _heal_key(HealSettings(**kw), guests=guests)
-    assert key(True, min_expert_share=0.0) != key(True) and key(False, min_expert_share=0.0) == key(False)
+    for setting in ({"min_expert_share": 0.0}, {"host_first": False}):
+        assert key(True, **setting) != key(True) and key(False, **setting) == key(False), setting
     built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.gguf")}
     lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32,
                                 heal=HealSettings(tokens=2048, freeze_guests=False), wikitext=wikitext, ctx=128,

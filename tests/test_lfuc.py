@@ -189,9 +189,9 @@ def test_frozen_guests_keep_their_pretrained_weights(tiny_dirs, calibration_text
     teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
     model = upcycle(spec, Checkpoint(hf), plan)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = HealSettings(tokens=8192, block_local_fraction=0.5, ctx=64, freeze_guests=True,
+    settings = HealSettings(tokens=8192, block_local_fraction=0.5, ctx=64, freeze_guests=True, host_first=False,
                             block_local=BlockLocalConfig(lr=1e-3), e2e=E2EConfig(lr=1e-3))
-    heal(model, teacher, plan, chunks_of(hf, calibration_text), settings, tmp_path, progress=False)
+    heal(model, teacher, plan, spec, chunks_of(hf, calibration_text), settings, tmp_path, progress=False)
     after = model.state_dict()
     hosts_trained = []
     for j, host_experts in ((1, 2), (2, 1)):
@@ -203,6 +203,39 @@ def test_frozen_guests_keep_their_pretrained_weights(tiny_dirs, calibration_text
             assert not torch.equal(after[key], before[key]), key
     assert any(hosts_trained)   # (a host that the router no longer picks gets no gradient)
     assert all(p._backward_hooks is None or not p._backward_hooks for p in model.parameters())
+
+
+def test_host_first_heals_routed_blocks_as_pruning_does(tiny_dirs, calibration_text, tmp_path):
+    """With host_first, block-local distillation trains a routed block's host (and attention, norms) token for
+    token as it trains the pruned model's dense block, the router staying on the host; the router fit runs
+    after it, on the healed block, and a block whose guests no token reaches then heals on as a dense block."""
+    from d2m_gguf.pipeline import HealSettings, heal
+
+    hf = tiny_dirs["llama"]
+    spec = load_dense_spec(hf)
+    pruned = parse_plan({"source_layers": 6, "blocks": [{"attention": i, "mlp": [i]} for i in (0, 1, 3, 4, 5)]})
+    fused = {"source_layers": 6, "router_init": "host", "blocks": [
+        {"attention": 0, "mlp": [0]}, {"attention": 1, "mlp": [1, 2], "top_k": 1},
+        {"attention": 3, "mlp": [3]}, {"attention": 4, "mlp": [4]}, {"attention": 5, "mlp": [5]}]}
+    teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
+    chunks = chunks_of(hf, calibration_text)
+    settings = HealSettings(tokens=4096, block_local_fraction=1.0, ctx=64, host_first=True,
+                            block_local=BlockLocalConfig(lr=1e-3, precision="fp32"))
+    start = upcycle(spec, Checkpoint(hf), pruned)
+    a = heal(upcycle(spec, Checkpoint(hf), pruned), teacher, pruned, spec, chunks, settings, tmp_path, progress=False)
+    b = heal(upcycle(spec, Checkpoint(hf), parse_plan(fused)), teacher, parse_plan(fused), spec, chunks, settings,
+             tmp_path, progress=False)
+    assert [log.stage for log in b.logs] == ["block-local"]
+    assert b.plan.blocks[1].kind == "attn+dense" and b.plan.notes["idle_experts_dropped"] == {"1": [2]}
+    assert not torch.allclose(a.model.blocks[1].ffn.ffn_gate.weight, start.blocks[1].ffn.ffn_gate.weight)
+    for name in ("ffn.ffn_gate.weight", "ffn.ffn_up.weight", "ffn.ffn_down.weight", "attn.attn_q.weight"):
+        mine, theirs = b.model.blocks[1].get_parameter(name), a.model.blocks[1].get_parameter(name)
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), name
+    fit = heal(upcycle(spec, Checkpoint(hf), parse_plan({**fused, "router_init": "fit"})), teacher,
+               parse_plan({**fused, "router_init": "fit"}), spec, chunks, settings, tmp_path, progress=False)
+    assert [log.stage for log in fit.logs] == ["block-local", "router-fit"]
+    assert fit.plan.blocks[1].moe == fit.logs[1].rows[0]["kept"]   # a guest stays only where the fit admits it
+    assert all(p.requires_grad for p in fit.model.parameters())
 
 
 def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, llama, tmp_path):
@@ -217,7 +250,7 @@ def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, l
     summary = json.loads((work / "summary.json").read_text())
     assert summary["plan"]["blocks"] == 4 and summary["predicted"]["speedup"] > 1
     healing = json.loads((work / "heal.json").read_text())
-    assert [s["stage"] for s in healing["stages"]] == ["router-fit", "block-local", "end-to-end"]
+    assert [s["stage"] for s in healing["stages"]] == ["block-local", "router-fit", "end-to-end"]   # host first
     assert healing["expert_usage"]
     text, log = llama.complete(out, "Hello", n=4)
     assert text.strip()
@@ -234,8 +267,11 @@ def test_idle_experts_are_dropped_and_blocks_written_dense(tiny_dirs, calibratio
     routed = {str(j): b["mlp"] for j, b in enumerate(json.loads((work / "plan.json").read_text())["blocks"])
               if len(b["mlp"]) > 1}
     healing = json.loads((work / "heal.json").read_text())
-    kept = {j: routed[j][max(range(len(u)), key=u.__getitem__)] for j, u in healing["expert_usage"].items()}
+    # host first, the dropping happens before end-to-end healing, on the usage after the router fit
+    usage = healing["expert_usage_after_router_fit"]
+    kept = {j: routed[j][max(range(len(u)), key=u.__getitem__)] for j, u in usage.items()}
     assert routed and healing["idle_experts_dropped"] == {j: [s for s in m if s != kept[j]] for j, m in routed.items()}
+    assert healing["expert_usage"] == {}   # nothing routed is left to heal end to end
     assert set(json.loads((work / "summary.json").read_text())["plan"]["kinds"]) == {"attn+dense"}
     assert validate_gguf(out) == [] and not any("exps" in t.name for t in gguf.GGUFReader(out).tensors)
     text, _ = llama.complete(out, "Hello", n=4)
@@ -326,6 +362,7 @@ def test_healing_improves_smollm2(smollm2_dir, calibration_text, wikitext, tmp_p
     evaluation = token_chunks(tok.encode(wikitext.read_text(encoding="utf-8")[:40000]), 256, 6, tok.bos)
     before = perplexity(model, evaluation)
     settings = HealSettings(tokens=40_000, max_chunks=96)
-    heal(model, teacher, plan, chunks_of(smollm2_dir, calibration_text, 256, 96), settings, tmp_path, progress=False)
+    model = heal(model, teacher, plan, spec, chunks_of(smollm2_dir, calibration_text, 256, 96), settings, tmp_path,
+                 progress=False).model
     after = perplexity(model, evaluation)
     assert after < 0.95 * before, (before, after)
