@@ -11,6 +11,8 @@ r (what the replaced layers add to the stream), expert e's contribution c_e
 scores 2<c_e, r> - |c_e|^2, the error it removes on its own; the router is
 trained towards softmax(score / temperature). A top-k router thereby learns to
 select the experts that best reconstruct what the fused layers computed.
+Host first (the pipeline's default) the routers stay frozen on the host while
+the blocks heal (`frozen_routers`) and are fitted on the healed blocks after.
 """
 
 from __future__ import annotations
