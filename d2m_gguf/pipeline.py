@@ -124,7 +124,7 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: Dense
         if _host_first(settings, plan):
             model, plan, usage = _drop_idle(model, plan, spec, chunks, settings.min_expert_share)
             if "idle_experts_dropped" in plan.notes:
-                log.info("after the router fit, unrouted experts dropped (block: source layers): %s",
+                log.info("before end-to-end healing, unrouted experts dropped (block: source layers): %s",
                          plan.notes["idle_experts_dropped"])
     if settings.block_local_fraction < 1:
         with frozen_guests(model, plan, settings.freeze_guests):
@@ -168,13 +168,14 @@ def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPl
     host_first = _host_first(settings, plan)
     local = (replace(settings.block_local, router_weight=0.0, balance_weight=0.0) if host_first
              else settings.block_local)
+    fit = plan.router_init == "fit"
     try:
-        if plan.router_init == "fit" and not host_first:
+        if fit and not host_first:
             logs.append(_fit_routers(model, plan, cache, settings.seed))
         with frozen_routers(model, host_first):
             logs.append(block_local_distill(model, plan, cache, settings.stage_budget(settings.block_local_fraction),
                                             local, progress=progress))
-        if plan.router_init == "fit" and host_first:
+        if fit and host_first:
             logs.append(_fit_routers(model, plan, cache, settings.seed))
     finally:
         cache.close()
