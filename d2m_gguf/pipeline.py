@@ -152,6 +152,15 @@ def _host_first(settings: HealSettings, plan: FusionPlan) -> bool:
     return settings.host_first and plan.router_init in ("host", "fit")
 
 
+def block_local_config(settings: HealSettings, plan: FusionPlan) -> BlockLocalConfig:
+    """What block-local distillation runs with. Host first: every token on its host (routers frozen at the host
+    initialisation), the pruned model's healing step for step, so no router or balance term; the router fit
+    then admits a guest only where it lowers the healed block's error."""
+    if _host_first(settings, plan):
+        return replace(settings.block_local, router_weight=0.0, balance_weight=0.0)
+    return settings.block_local
+
+
 def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
                         settings: HealSettings, blocks: list[int], work_dir: Path, progress: bool) -> list[StageLog]:
     """Router fit and block-local distillation on the teacher's cached activations at the trained spans."""
@@ -163,11 +172,8 @@ def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPl
     cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
     log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
              cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
-    # host first: every token on its host (routers frozen at the host initialisation), the pruned model's
-    # healing step for step; the router fit then admits a guest only where it lowers the healed block's error
     host_first = _host_first(settings, plan)
-    local = (replace(settings.block_local, router_weight=0.0, balance_weight=0.0) if host_first
-             else settings.block_local)
+    local = block_local_config(settings, plan)
     fit = plan.router_init == "fit"
     try:
         if fit and not host_first:
@@ -311,7 +317,9 @@ def run(req: ConvertRequest) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     healing = None
     if req.heal.enabled:
-        healed = heal(model, teacher, plan, spec, chunks, req.heal.seeded(req.seed), work, progress=req.progress)
+        settings = req.heal.seeded(req.seed)
+        local = block_local_config(settings, plan)   # what block-local healing runs with, for heal.json
+        healed = heal(model, teacher, plan, spec, chunks, settings, work, progress=req.progress)
         model, plan, logs = healed.model, healed.plan, healed.logs
         healing = {"minutes": req.heal.minutes, "tokens_budget": req.heal.tokens,
                    "block_local_fraction": req.heal.block_local_fraction, "freeze_guests": req.heal.freeze_guests,
@@ -319,7 +327,7 @@ def run(req: ConvertRequest) -> dict:
                    "stages": [{"stage": s.stage, "tokens": s.tokens, "seconds": round(s.seconds, 1),
                                "final": s.rows[-1] if s.rows else {}} for s in logs],
                    "calibration_tokens": int(chunks.numel()),
-                   "settings": {"block_local": asdict(req.heal.block_local), "e2e": asdict(req.heal.e2e)}}
+                   "settings": {"block_local": asdict(local), "e2e": asdict(settings.e2e)}}
         if healed.usage_after_router_fit:
             healing["expert_usage_after_router_fit"] = _rounded(healed.usage_after_router_fit)
         before = plan

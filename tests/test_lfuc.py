@@ -251,6 +251,8 @@ def test_convert_default_pipeline_on_a_tiny_model(tiny_dirs, calibration_text, l
     assert summary["plan"]["blocks"] == 4 and summary["predicted"]["speedup"] > 1
     healing = json.loads((work / "heal.json").read_text())
     assert [s["stage"] for s in healing["stages"]] == ["block-local", "router-fit", "end-to-end"]   # host first
+    # what block-local healing ran with: host first, no router target and no balance term
+    assert healing["settings"]["block_local"]["router_weight"] == healing["settings"]["block_local"]["balance_weight"] == 0
     assert healing["expert_usage"]
     text, log = llama.complete(out, "Hello", n=4)
     assert text.strip()
@@ -278,6 +280,24 @@ def test_idle_experts_are_dropped_and_blocks_written_dense(tiny_dirs, calibratio
     assert text.strip()
     proc = run_cli("convert.py", tiny_dirs["llama"], out, "--fuse", "2", "--min-expert-share", "2", "--quiet")
     assert proc.returncode != 0 and "--min-expert-share" in proc.stderr
+
+
+def test_lfuc_whose_guests_are_never_routed_writes_the_pruned_model(tiny_dirs, calibration_text, tmp_path):
+    """Host first with host routers (no fit admits a guest), every guest is dropped before end-to-end healing:
+    the whole convert, end-to-end healing included, writes the pruned model's tensors bit for bit (as measured
+    on SmolLM2 at 6 fused layers with the fit)."""
+    args = ("--fuse", "2", "--heal-tokens", "4096", "--text", calibration_text, "--ctx", "64", "--quiet")
+    files = {}
+    for method in ("lfuc", "prune"):
+        files[method] = tmp_path / f"{method}.gguf"
+        proc = run_cli("convert.py", tiny_dirs["llama"], files[method], "--method", method, "--router-init", "host",
+                       "--outtype", "f32", *args)
+        assert proc.returncode == 0, proc.stderr
+    healing = json.loads((tmp_path / "lfuc.gguf.d2m" / "heal.json").read_text())
+    assert healing["idle_experts_dropped"] and healing["stages"][-1]["tokens"] > 0
+    lfuc, prune = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(files[m]).tensors} for m in ("lfuc", "prune"))
+    assert lfuc.keys() == prune.keys()
+    assert all(np.array_equal(lfuc[name], prune[name]) for name in lfuc)
 
 
 def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, tmp_path):
