@@ -201,6 +201,15 @@ def _block_error(block: Block, hres: torch.Tensor, h: torch.Tensor, y: torch.Ten
     return relative_error(hres + block.ffn(h), y).item()
 
 
+def oracle_top1(moe: MoEFFN, hres: torch.Tensor, h: torch.Tensor, y: torch.Tensor, split: int) -> tuple[float, float]:
+    """(relative error, share of tokens sent to guests) of the best single expert for each token: what a
+    perfect top-1 router would reach, the ceiling of any router fit (experts [0, split) are the host's)."""
+    errs = torch.cat([((hres[i:i + 512, None] + expert_outputs(moe, h[i:i + 512]) - y[i:i + 512, None]).pow(2).sum(-1)
+                       / y[i:i + 512, None].pow(2).sum(-1).clamp_min(1e-6)) for i in range(0, len(h), 512)])
+    best, which = errs.min(-1)
+    return best.mean().item(), (which >= split).float().mean().item()
+
+
 def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
                 cfg: RouterFitConfig = RouterFitConfig()) -> dict[int, dict]:
     """Fit each MoE router by classification on the oracle target (which experts best rebuild the teacher's
@@ -209,7 +218,8 @@ def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
     The fitted router is kept only where it lowers the block's error on held-out tokens
     compared with the router it started from (`host` init: the pruned model), so fitting
     never makes a block worse than pruning its guests would. Returns per block the held-out
-    errors before and after, and whether the fit was kept."""
+    errors before and after, whether the fit was kept, and (top-1) the error a perfect router would reach
+    with the share of tokens it would send to guests."""
     spans = block_spans(plan)
     n, t = next(iter(cache.maps.values())).shape[:2]
     rng = np.random.default_rng(cfg.seed)
@@ -248,6 +258,10 @@ def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
             moe.ffn_gate_inp.load_state_dict(before_state)
         report[j] = {"held_out_rel_err_before": round(before, 5), "held_out_rel_err_after": round(after, 5),
                      "kept": kept, "tokens": len(h)}
+        if moe.n_expert_used == 1 and moe.normalize:
+            with torch.no_grad():
+                oracle, share = oracle_top1(moe, hres[test], h[test], y[test], plan.blocks[j].split)
+            report[j].update(held_out_rel_err_oracle=round(oracle, 5), oracle_guest_share=round(share, 4))
     return report
 
 

@@ -191,8 +191,10 @@ def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPl
 def _fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache, seed: int) -> StageLog:
     fits = fit_routers(model, plan, cache, RouterFitConfig(seed=seed))
     for j, r in fits.items():
-        log.info("router of block %d: held-out error %.4f -> %.4f (%s)", j, r["held_out_rel_err_before"],
-                 r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing")
+        oracle = (f"; a perfect router: {r['held_out_rel_err_oracle']:.4f}, {r['oracle_guest_share']:.1%} to guests"
+                  if "held_out_rel_err_oracle" in r else "")
+        log.info("router of block %d: held-out error %.4f -> %.4f (%s%s)", j, r["held_out_rel_err_before"],
+                 r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing", oracle)
     return StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()])
 
 

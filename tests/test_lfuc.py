@@ -235,6 +235,9 @@ def test_host_first_heals_routed_blocks_as_pruning_does(tiny_dirs, calibration_t
                parse_plan({**fused, "router_init": "fit"}), spec, chunks, settings, tmp_path, progress=False)
     assert [log.stage for log in fit.logs] == ["block-local", "router-fit"]
     assert fit.plan.blocks[1].moe == fit.logs[1].rows[0]["kept"]   # a guest stays only where the fit admits it
+    row = fit.logs[1].rows[0]   # a perfect router picks each token's best expert: no fit, host or fitted, does better
+    assert row["held_out_rel_err_oracle"] <= min(row["held_out_rel_err_before"], row["held_out_rel_err_after"])
+    assert 0.0 <= row["oracle_guest_share"] <= 1.0
     assert all(p.requires_grad for p in fit.model.parameters())
 
 
