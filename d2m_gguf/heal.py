@@ -167,11 +167,15 @@ def moe_train_forward(moe: MoEFFN, h: torch.Tensor, target: torch.Tensor | None,
     return out, router, balance
 
 
+def token_errors(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|out - target|^2 / |target|^2 per token (over the last dimension)."""
+    return (out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)
+
+
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of |out - target|^2 / |target|^2: every token counts alike, whatever the norm of its
-    residual stream (the attention-sink tokens carry norms hundreds of times larger), which is what the
-    next RMSNorm sees."""
-    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    """Mean over tokens of token_errors: every token counts alike, whatever the norm of its residual stream
+    (the attention-sink tokens carry norms hundreds of times larger), which is what the next RMSNorm sees."""
+    return token_errors(out, target).mean()
 
 
 def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin, router_target: bool = True):
@@ -204,8 +208,8 @@ def _block_error(block: Block, hres: torch.Tensor, h: torch.Tensor, y: torch.Ten
 def oracle_top1(moe: MoEFFN, hres: torch.Tensor, h: torch.Tensor, y: torch.Tensor, split: int) -> tuple[float, float]:
     """(relative error, share of tokens sent to guests) of the best single expert for each token: what a
     perfect top-1 router would reach, the ceiling of any router fit (experts [0, split) are the host's)."""
-    errs = torch.cat([((hres[i:i + 512, None] + expert_outputs(moe, h[i:i + 512]) - y[i:i + 512, None]).pow(2).sum(-1)
-                       / y[i:i + 512, None].pow(2).sum(-1).clamp_min(1e-6)) for i in range(0, len(h), 512)])
+    errs = torch.cat([token_errors(hres[i:i + 512, None] + expert_outputs(moe, h[i:i + 512]), y[i:i + 512, None])
+                      for i in range(0, len(h), 512)])
     best, which = errs.min(-1)
     return best.mean().item(), (which >= split).float().mean().item()
 
