@@ -59,6 +59,7 @@ def main() -> None:
     \b
     Pipeline (each stage also runs alone and its artefact can be reused):
       analyze -> plan -> upcycle -> heal -> convert (GGUF) -> quantize -> bench
+    `synth` samples more healing text (--text) from the dense model itself.
     """
 
 
@@ -383,6 +384,41 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
     last = stage.rows[-1] if stage.rows else {}
     click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
                f"wrote {out}")
+
+
+@main.command("synth")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tokens", type=int, default=300_000, show_default=True, help="Tokens to sample.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens sampled per sample.")
+@click.option("--batch", type=int, default=32, show_default=True, help="Samples drawn at once.")
+@click.option("--prompt", type=click.Path(path_type=Path), default=None,
+              help="Text the samples start from [default: ../shared/data/calibration-mixed.txt].")
+@click.option("--prompt-len", type=int, default=8, show_default=True,
+              help="Tokens of the prompt text each sample starts from (0: start from BOS alone).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbose_option
+@user_errors
+def synth_cmd(hf_dir: Path, out: Path, tokens: int, seq_len: int, batch: int, prompt: Path | None, prompt_len: int,
+              temperature: float, seed: int, quiet: bool, verbose: bool) -> None:
+    """Sample healing text from the dense model HF_DIR itself into the text file OUT.
+
+    \b
+    Healing teaches only what its text holds. With no large corpus at hand, the teacher's own samples
+    (each continuing a short span of the prompt text) give as much text in its distribution as a budget needs:
+      d2m synth HF_DIR synth.txt --tokens 600000
+      cat ../shared/data/calibration-mixed.txt synth.txt > heal.txt
+      python convert.py HF_DIR out.gguf --text heal.txt
+    Never prompt from the evaluation text.
+    """
+    from .synth import sample_text
+
+    rep = sample_text(hf_dir, out, tokens, seq_len=seq_len, batch=batch, prompt=prompt, prompt_len=prompt_len,
+                      temperature=temperature, seed=seed, progress=not quiet)
+    click.echo(f"wrote {out}: {rep.samples} samples, {rep.tokens} sampled tokens in {rep.seconds / 60:.1f} min "
+               f"({rep.tokens_per_second:.0f} tokens/s)")
 
 
 @main.group("bench")

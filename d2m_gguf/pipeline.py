@@ -161,6 +161,15 @@ def block_local_config(settings: HealSettings, plan: FusionPlan) -> BlockLocalCo
     return settings.block_local
 
 
+def spread_subset(chunks: torch.Tensor, n: int) -> torch.Tensor:
+    """All of `chunks` when there are at most `n`, else `n` of them evenly spaced over the whole text: block-local
+    distillation caches that many, and the head of a large healing text (`--text`, `d2m synth`) is not a sample
+    of it."""
+    if len(chunks) <= n:
+        return chunks
+    return chunks[torch.linspace(0, len(chunks) - 1, n).round().long()]
+
+
 def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
                         settings: HealSettings, blocks: list[int], work_dir: Path, progress: bool) -> list[StageLog]:
     """Router fit and block-local distillation on the teacher's cached activations at the trained spans."""
@@ -168,7 +177,7 @@ def _block_local_stages(model: HybridModel, teacher: HybridModel, plan: FusionPl
     spans = block_spans(plan)
     boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
     t = time.monotonic()
-    cached = chunks[:settings.cached_sequences()]
+    cached = spread_subset(chunks, settings.cached_sequences())
     cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
     log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
              cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
