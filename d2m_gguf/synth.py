@@ -82,10 +82,10 @@ def sample_text(hf_dir: Path, out: Path, tokens: int, seq_len: int = 512, batch:
     n_rounds = -(-tokens // (batch * seq_len))
     samples, sampled, start = [], 0, time.monotonic()
     bar = tqdm(total=n_rounds * batch * seq_len, unit="tok", desc="sampling the teacher", disable=not progress)
+    head = [tok.bos] if tok.bos is not None else []
     with torch.inference_mode():
         for _ in range(n_rounds):
             spans = prompt_spans(prompt_tokens, batch, prompt_len, rng)
-            head = [tok.bos] if tok.bos is not None else []
             ids = torch.tensor([head + s for s in spans], dtype=torch.long)
             if ids.shape[1] == 0:  # no prompt and no BOS: start from the end-of-text token
                 ids = torch.full((batch, 1), pad, dtype=torch.long)
