@@ -45,6 +45,19 @@ def test_synth_writes_seeded_samples_healing_reads(tiny_dirs, calibration_text, 
     assert chunks.shape[1] == 32 and chunks.shape[0] >= 2, "healing reads the samples as it reads any text"
 
 
+def test_synth_without_prompt_or_bos_leaves_the_start_token_out(tiny_dirs, tmp_path):
+    """No prompt and a tokenizer without BOS: sampling starts from the end-of-text token, which is not text."""
+    hf = tiny_dirs["qwen2"]
+    tok = Tokenizer(hf)
+    assert tok.bos is None, "this case needs a tokenizer that adds no BOS"
+    start = tok.decode([tok.tok.pad_token_id if tok.tok.pad_token_id is not None else tok.tok.eos_token_id])
+    out = tmp_path / "s.txt"
+    rep = sample_text(hf, out, tokens=32, seq_len=8, batch=4, prompt_len=0, progress=False)
+    samples = out.read_text().split("\n\n")
+    assert rep.samples == 4 and len(samples) >= 1
+    assert start and not any(s.startswith(start) for s in samples), samples
+
+
 def test_synth_errors_leave_no_output(tiny_dirs, wikitext, tmp_path):
     out = tmp_path / "s.txt"
     proc = run_cli("-m", "d2m_gguf", "synth", tiny_dirs["llama"], out, "--tokens", "0")
