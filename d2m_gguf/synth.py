@@ -82,20 +82,18 @@ def sample_text(hf_dir: Path, out: Path, tokens: int, seq_len: int = 512, batch:
     n_rounds = -(-tokens // (batch * seq_len))
     samples, sampled, start = [], 0, time.monotonic()
     bar = tqdm(total=n_rounds * batch * seq_len, unit="tok", desc="sampling the teacher", disable=not progress)
-    head = [tok.bos] if tok.bos is not None else []
+    # start tokens, left out of the text (the prompt spans are calibration text, kept); with no prompt and no
+    # BOS, sampling starts from the end-of-text token
+    head = [tok.bos] if tok.bos is not None else ([] if prompt_len > 0 else [pad])
     with torch.inference_mode():
         for _ in range(n_rounds):
             spans = prompt_spans(prompt_tokens, batch, prompt_len, rng)
             ids = torch.tensor([head + s for s in spans], dtype=torch.long)
-            lead = len(head)    # start tokens left out of the text (the prompt spans are calibration text, kept)
-            if ids.shape[1] == 0:  # no prompt and no BOS: start from the end-of-text token
-                ids = torch.full((batch, 1), pad, dtype=torch.long)
-                lead = 1
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
                                  top_k=0, top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len,
                                  pad_token_id=pad, logits_processor=LogitsProcessorList([_StepProgress(bar, batch)]))
             for row in gen:
-                samples.append(tok.decode(row[lead:].tolist()))
+                samples.append(tok.decode(row[len(head):].tolist()))
             sampled += (gen.shape[1] - ids.shape[1]) * batch
     bar.close()
     with atomic_path(Path(out)) as tmp:
