@@ -381,6 +381,8 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
                                         e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight,
                                                       precision=resolve_precision(precision)),
                                         freeze_guests=freeze_guests, progress=not quiet))
+    if stage is None:
+        return  # another rank of a torchrun job; rank 0 reports
     last = stage.rows[-1] if stage.rows else {}
     click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
                f"wrote {out}")

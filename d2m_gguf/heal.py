@@ -279,9 +279,9 @@ class Budget:
     minutes: float | None = None
     max_steps: int | None = None
 
-    def done(self, tokens: int, started: float, steps: int) -> bool:
+    def done(self, tokens: int, seconds: float, steps: int) -> bool:
         return ((self.tokens is not None and tokens >= self.tokens)
-                or (self.minutes is not None and time.monotonic() - started >= self.minutes * 60)
+                or (self.minutes is not None and seconds >= self.minutes * 60)
                 or (self.max_steps is not None and steps >= self.max_steps))
 
 
@@ -324,7 +324,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     total = budget.tokens or (budget.max_steps or 0) * cfg.batch * t or None
     bar = tqdm(total=total, unit="tok", desc="block-local distillation", disable=not progress, leave=False)
     model.train()
-    while not budget.done(tokens, started, steps):
+    while not budget.done(tokens, seconds := time.monotonic() - started, steps):
         idx = rng.choice(n, size=min(cfg.batch, n), replace=False)
         loss_sum, parts = 0.0, {}
         opt.zero_grad(set_to_none=True)
@@ -339,14 +339,14 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
             loss.backward()
             loss_sum += loss.item()
             parts[f"rel_mse_{j}"] = rel.item()
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, _progress(budget, tokens, started, steps, cfg, t))))
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, _progress(budget, tokens, seconds, steps, cfg, t))))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         steps += 1
         tokens += len(idx) * t
         bar.update(len(idx) * t)
-        if steps == 1 or steps % cfg.log_every == 0 or budget.done(tokens, started, steps):
+        if steps == 1 or steps % cfg.log_every == 0 or budget.done(tokens, time.monotonic() - started, steps):
             log.add(step=steps, tokens=tokens, seconds=round(time.monotonic() - started, 2), lr=lr,
                     loss=loss_sum / len(blocks), **parts)
     bar.close()
@@ -355,7 +355,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     return log
 
 
-def _progress(budget: Budget, tokens: int, started: float, steps: int, cfg, t: int) -> float:
+def _progress(budget: Budget, tokens: int, seconds: float, steps: int, cfg, t: int) -> float:
     """Fraction of the budget spent (for the cosine schedule).
 
     A token or step budget, when given, drives the schedule alone and the time budget is
@@ -367,7 +367,7 @@ def _progress(budget: Budget, tokens: int, started: float, steps: int, cfg, t: i
     if budget.max_steps:
         fractions.append(steps / budget.max_steps)
     if budget.minutes and not fractions:
-        fractions.append((time.monotonic() - started) / (budget.minutes * 60))
+        fractions.append(seconds / (budget.minutes * 60))
     return max(fractions) if fractions else 0.0
 
 
@@ -424,7 +424,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
     student.train()
     bar = tqdm(total=budget.tokens, unit="tok", desc="end-to-end distillation", disable=not progress or rank != 0,
                leave=False, initial=tokens)
-    while not budget.done(tokens, started, step):
+    while not budget.done(tokens, seconds := _agreed_seconds(time.monotonic() - started, distributed, device), step):
         x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)].to(device)
         with autocast(student, cfg.precision):
             with torch.no_grad():
@@ -435,7 +435,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         lm = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), x[:, 1:].reshape(-1))
         balance = _moe_balance(student)
         loss = cfg.kd_weight * kd + cfg.lm_weight * lm + cfg.balance_weight * balance
-        frac = _progress(budget, tokens, started, step, cfg, t)
+        frac = _progress(budget, tokens, seconds, step, cfg, t)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         opt.zero_grad(set_to_none=True)
@@ -458,6 +458,19 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
     log.seconds, log.tokens = time.monotonic() - started, tokens
     return log
+
+
+def _agreed_seconds(seconds: float, distributed: bool, device: torch.device) -> float:
+    """The healing time every rank of a torchrun job goes by: the slowest rank's. Ranks that read their own
+    clocks could stop a step apart (the one that goes on then waits in all-reduce for ever) or set different
+    learning rates (replicas drift apart)."""
+    if not distributed:
+        return seconds
+    import torch.distributed as dist
+
+    agreed = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed.item()
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, tokens: int, seconds: float) -> None:

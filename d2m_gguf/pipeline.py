@@ -401,8 +401,9 @@ class HealRequest:
     progress: bool = True
 
 
-def heal_checkpoint(req: HealRequest) -> StageLog:
-    """Run end-to-end distillation; under `torchrun` every rank trains (DDP) and rank 0 writes.
+def heal_checkpoint(req: HealRequest) -> StageLog | None:
+    """Run end-to-end distillation; under `torchrun` every rank trains (DDP), and rank 0 writes and gets the
+    stage's log (the other ranks get None).
 
     Resumes from OUT/checkpoint.pt when it exists (an interrupted or extended run)."""
     import os
@@ -416,7 +417,8 @@ def heal_checkpoint(req: HealRequest) -> StageLog:
     ckpt.check(spec)
     student = load_hf_checkpoint(req.student)
     plan = load_hf_plan(req.student, spec.n_layer)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own_group:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -432,7 +434,9 @@ def heal_checkpoint(req: HealRequest) -> StageLog:
         write_heal_logs([stage], req.out)
     if dist.is_initialized():
         dist.barrier()
-    return stage
+    if own_group:
+        dist.destroy_process_group()
+    return stage if rank == 0 else None
 
 
 __all__ = ["HealRequest", "heal_checkpoint", "ConvertRequest", "HealSettings", "run", "heal", "calibration", "expert_usage", "D2MError", "DenseSpec"]
