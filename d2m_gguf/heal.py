@@ -461,9 +461,9 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
 
 
 def _agreed_seconds(seconds: float, distributed: bool, device: torch.device) -> float:
-    """The healing time every rank of a torchrun job goes by: the slowest rank's. Ranks that read their own
-    clocks could stop a step apart (the one that goes on then waits in all-reduce for ever) or set different
-    learning rates (replicas drift apart)."""
+    """The healing time every rank of a torchrun job goes by: the longest any rank has measured. Ranks that
+    read their own clocks could stop a step apart (the one that goes on then fails or waits in all-reduce) or
+    set different learning rates (replicas drift apart)."""
     if not distributed:
         return seconds
     import torch.distributed as dist

@@ -63,7 +63,8 @@ def _heal_on_a_skewed_clock(rank: int, init_file: str, model_file: str, out_dir:
 
 
 def test_ranks_stop_on_the_same_step_when_their_clocks_disagree(tiny_dirs, tmp_path):
-    """A time budget under torchrun: every rank goes by the slowest clock, so all stop on the same step."""
+    """A time budget under torchrun: every rank goes by the longest time any rank has measured, so all stop
+    on the same step."""
     hf = tiny_dirs["llama"]
     spec = load_dense_spec(hf)
     model = upcycle(spec, Checkpoint(hf), identity_plan(spec.n_layer))
