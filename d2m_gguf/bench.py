@@ -1,8 +1,8 @@
 """Benchmarks: build model variants, measure quality and speed with llama.cpp, write tables and plots.
 
 Every measured number comes from the patched llama.cpp (llama-perplexity on
-WikiText-2 test, llama-bench for speed); variants of one table are timed in the
-same llama-bench process so their ratios hold. Nothing here asserts: tests check
+WikiText-2 test, llama-bench for speed); variants of one table are timed together
+(llama_bench: one process in each file order) so their ratios hold. Nothing here asserts: tests check
 the machinery, the numbers go into the results directory.
 """
 
@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,24 +106,39 @@ class SpeedRow:
 
 def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (0,), n_gen: int = 64,
                 n_prompt: int = 128, repetitions: int = 3, log_dir: Path | None = None) -> list[SpeedRow]:
-    """Decode (and prompt) tokens/s of every model in one llama-bench process."""
-    args = []
-    for m in models:
-        args += ["-m", m]
-    args += ["-p", n_prompt, "-n", n_gen, "-d", ",".join(map(str, depths)), "-r", repetitions, "-t", llama.threads,
-             "-o", "json"]
-    proc = llama.run("llama-bench", args)
-    if log_dir is not None:
-        (log_dir / "llama-bench.json").write_text(proc.stdout)
-        (log_dir / "llama-bench.log").write_text(proc.stderr)
+    """Decode (and prompt) tokens/s of every model: one llama-bench process in the given order, then one in
+    the reverse order, half the repetitions each (rounded up); mean and std over the samples of both.
+
+    Why two orders: on a shared machine the speed drifts over a run and the first file can pay a warm-up
+    (measured: an f16 SmolLM2 read 36-43 tok/s decoding first in a process, 49 last), so within one order
+    the file order leaks into the ratios; in both orders it falls on every file alike."""
+    orders = [models, models[::-1]] if len(models) > 1 else [models]
+    per_order = max(1, math.ceil(repetitions / len(orders)))
+    samples: dict[tuple[str, int, str], list[float]] = {}
+    for i, order in enumerate(orders):
+        args = []
+        for m in order:
+            args += ["-m", m]
+        args += ["-p", n_prompt, "-n", n_gen, "-d", ",".join(map(str, depths)), "-r", per_order,
+                 "-t", llama.threads, "-o", "json"]
+        proc = llama.run("llama-bench", args)
+        if log_dir is not None:
+            name = "llama-bench" + ("-reversed" if i else "")
+            (log_dir / f"{name}.json").write_text(proc.stdout)
+            (log_dir / f"{name}.log").write_text(proc.stderr)
+        for r in json.loads(proc.stdout):
+            test = "decode" if r["n_gen"] > 0 and r["n_prompt"] == 0 else \
+                "prompt" if r["n_prompt"] > 0 and r["n_gen"] == 0 else None
+            if test is not None:
+                key = (Path(r["model_filename"]).name, int(r.get("n_depth", 0)), test)
+                samples.setdefault(key, []).extend(float(t) for t in r["samples_ts"])
     rows: dict[tuple[str, int], SpeedRow] = {}
-    for r in json.loads(proc.stdout):
-        key = (Path(r["model_filename"]).name, int(r.get("n_depth", 0)))
-        row = rows.setdefault(key, SpeedRow(key[0], key[1], 0.0, 0.0))
-        if r["n_gen"] > 0 and r["n_prompt"] == 0:
-            row.decode_ts, row.decode_std = float(r["avg_ts"]), float(r["stddev_ts"])
-        elif r["n_prompt"] > 0 and r["n_gen"] == 0:
-            row.prompt_ts = float(r["avg_ts"])
+    for (model, depth, test), ts in samples.items():
+        row = rows.setdefault((model, depth), SpeedRow(model, depth, 0.0, 0.0))
+        if test == "decode":
+            row.decode_ts, row.decode_std = statistics.fmean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0
+        else:
+            row.prompt_ts = statistics.fmean(ts)
     return list(rows.values())
 
 

@@ -7,8 +7,8 @@ quant/. Every number is measured by the patched llama.cpp or read off the writte
 - quality: one `llama-perplexity` pass per row on WikiText-2 test (ctx 512, a stated number of chunks) against
   the f16 dense model's saved logits (`--kl-divergence-base` once, then `--kl-divergence` per row): perplexity,
   mean KLD and top-1 agreement ("Same top p");
-- speed: one `llama-bench` process for every row at depth 0 (prompt and decode, with the repetitions' spread)
-  and one for every row at the deep context (decode only), so ratios within a column hold;
+- speed: `llama-bench` over every row at depth 0 (prompt and decode, with the repetitions' spread)
+  and over every row at the deep context (decode only), each in both file orders (bench.llama_bench), so ratios within a column hold;
 - cost model: active bytes per token and predicted tok/s on each device profile (d2m_gguf/data/devices.json);
 - arm64: for the rows picked (Q4_0 / phone recipe rows; emulation is slow) the static arm64 build's perplexity
   under qemu on a short slice, compared with the host build's on the same slice (within 2%).
@@ -320,7 +320,7 @@ def run_matrix(req: MatrixRequest) -> Path:
                 (logs / f"failed-{v.name}-{q}.txt").write_text(traceback.format_exc())
             rows.append(row)
 
-    # 3. speed: one llama-bench process per depth for every good row
+    # 3. speed: llama-bench per depth over every good row (in both file orders)
     ok = {k: f for k, f in files.items() if rows[k]["status"] == "ok"}
     depths = [(0, req.n_prompt, req.repetitions), (req.deep_depth, 0, req.deep_repetitions)]
     for depth, n_prompt, reps in depths:

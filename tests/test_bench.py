@@ -301,6 +301,31 @@ def test_bench_adb_without_a_device_says_so(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp_path):
+    """Speed is read in one llama-bench process per file order (forward, then reversed), half the repetitions
+    each, and every row's decode speed is the mean of its samples from both."""
+    import statistics
+
+    from d2m_gguf.bench import llama_bench
+    from d2m_gguf.dense_export import export_dense
+    from d2m_gguf.ggufout import OutType
+
+    dense = tmp_path / "dense-f16.gguf"
+    export_dense(tiny_llama, dense, OutType.F16, progress=False)
+    rows = llama_bench(llama, [dense, tiny_d2m_f16], n_gen=4, n_prompt=8, repetitions=3, log_dir=tmp_path)
+    runs = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("llama-bench", "llama-bench-reversed")]
+    firsts = [Path(run[0]["model_filename"]).name for run in runs]
+    assert firsts == [dense.name, tiny_d2m_f16.name]
+    assert [(r.model, r.depth) for r in rows] == [(dense.name, 0), (tiny_d2m_f16.name, 0)]
+    for row in rows:
+        decode = [t for run in runs for r in run if Path(r["model_filename"]).name == row.model and r["n_gen"] > 0
+                  for t in r["samples_ts"]]
+        assert len(decode) == 4   # ceil(3 / 2) repetitions in each order
+        assert row.decode_ts == pytest.approx(statistics.fmean(decode))
+        assert row.decode_std == pytest.approx(statistics.stdev(decode))
+        assert row.prompt_ts and row.prompt_ts > 0
+
+
 def test_chunk_nlls_and_the_paired_comparison():
     """Per-chunk NLLs come back from llama-perplexity's running estimates, and the paired standard error sees a
     consistent small gain that the two perplexities' own spreads would hide."""
