@@ -2,8 +2,8 @@
 
 Every measured number comes from the patched llama.cpp (llama-perplexity on
 WikiText-2 test, llama-bench for speed); variants of one table are timed together
-(llama_bench: one process in each file order) so their ratios hold. Nothing here asserts: tests check
-the machinery, the numbers go into the results directory.
+(llama_bench: one process in each file order) so their ratios hold. Nothing here
+asserts: tests check the machinery, the numbers go into the results directory.
 """
 
 from __future__ import annotations

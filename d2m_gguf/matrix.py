@@ -7,8 +7,9 @@ quant/. Every number is measured by the patched llama.cpp or read off the writte
 - quality: one `llama-perplexity` pass per row on WikiText-2 test (ctx 512, a stated number of chunks) against
   the f16 dense model's saved logits (`--kl-divergence-base` once, then `--kl-divergence` per row): perplexity,
   mean KLD and top-1 agreement ("Same top p");
-- speed: `llama-bench` over every row at depth 0 (prompt and decode, with the repetitions' spread)
-  and over every row at the deep context (decode only), each in both file orders (bench.llama_bench), so ratios within a column hold;
+- speed: `llama-bench` over every row at depth 0 (prompt and decode, with the repetitions' spread) and over
+  every row at the deep context (decode only), each in both file orders (bench.llama_bench), so ratios within
+  a column hold;
 - cost model: active bytes per token and predicted tok/s on each device profile (d2m_gguf/data/devices.json);
 - arm64: for the rows picked (Q4_0 / phone recipe rows; emulation is slow) the static arm64 build's perplexity
   under qemu on a short slice, compared with the host build's on the same slice (within 2%).
