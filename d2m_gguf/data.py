@@ -1,6 +1,6 @@
 """Text -> token sequences for calibration, healing and evaluation.
 
-Calibration text is any UTF-8 file (default: ../shared/data/calibration-mixed.txt)
+Calibration text is any UTF-8 file (default: the calibration text shipped in d2m_gguf/data/)
 or an HF dataset saved with `save_to_disk` (its `text` column). Evaluation
 follows llama-perplexity exactly (chunks of n_ctx, the second half of each chunk
 scored) so the reference and llama.cpp measure the same thing.
@@ -15,9 +15,10 @@ import torch
 
 from .errors import D2MError
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CALIBRATION = REPO.parent / "shared" / "data" / "calibration-mixed.txt"
-DEFAULT_EVAL = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+# shipped with the package (d2m_gguf/data/README.md: sources, licences, sha256), so a clone or an install has them
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_CALIBRATION = DATA_DIR / "calibration-mixed.txt"
+DEFAULT_EVAL = DATA_DIR / "wikitext-2-raw-test.txt"
 
 
 def read_text(source: Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from d2m_gguf.data import DEFAULT_CALIBRATION, DEFAULT_EVAL
 from d2m_gguf.fixtures.tiny import FAMILIES, make_tiny
 from d2m_gguf.llamacpp import LlamaCpp
 
@@ -21,11 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env_path(var: str, default: Path) -> Path:
     return Path(os.environ.get(var, default))
-
-
-DATA_DIR = _env_path("D2M_DATA", REPO.parent / "shared" / "data")
-CALIBRATION = DATA_DIR / "calibration-mixed.txt"
-WIKITEXT = DATA_DIR / "wikitext-2-raw-test.txt"
 
 
 def _require(path: Path, target: str) -> Path:
@@ -63,12 +59,12 @@ def llama_stock() -> LlamaCpp:
 
 @pytest.fixture(scope="session")
 def calibration_text() -> Path:
-    return _require(CALIBRATION, "test (shared/data beside the checkout)")
+    return _require(DEFAULT_CALIBRATION, "test (the package's data: d2m_gguf/data/)")
 
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    return _require(WIKITEXT, "test (shared/data beside the checkout)")
+    return _require(DEFAULT_EVAL, "test (the package's data: d2m_gguf/data/)")
 
 
 @pytest.fixture(scope="session")
