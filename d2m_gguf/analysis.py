@@ -56,6 +56,9 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
+ANALYSIS_SEQUENCES = 32   # calibration sequences the layer scores are taken on (`d2m analyze --chunks`)
+
+
 @torch.no_grad()
 def analyze(model: HybridModel, chunks: torch.Tensor, batch: int = 4, progress: bool = True,
             source: str = "") -> LayerScores:

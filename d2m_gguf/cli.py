@@ -13,7 +13,15 @@ from pathlib import Path
 
 import click
 
+from .analysis import ANALYSIS_SEQUENCES
+from .bench.lfuc import CurveRequest, LfucTableRequest
+from .bench.matrix import MATRIX_HEAL_TOKENS, MatrixRequest
+from .distill import E2EConfig, resolve_precision
 from .errors import D2MError
+from .heal import HealSettings
+from .options import from_options, options
+from .pipeline import ConvertRequest, DistillRequest
+from .planner import PlanRequest
 
 log = logging.getLogger("d2m")
 
@@ -57,17 +65,35 @@ def main() -> None:
     """d2m: turn a dense Hugging Face LLM into a faster Mixture-of-Experts GGUF for llama.cpp.
 
     \b
-    Pipeline (each stage also runs alone and its artefact can be reused):
-      analyze -> plan -> upcycle -> heal -> convert (GGUF) -> quantize -> bench
-    `synth` samples more healing text (--text) from the dense model itself.
+    convert runs the job: analyse -> plan -> upcycle -> heal -> write the GGUF.
+    analyze and plan run their stages alone (reuse them with convert --scores / --plan),
+    distill continues healing a saved checkpoint end to end (torchrun on GPUs),
+    synth samples more healing text (--text) from the dense model itself,
+    quantize and bench take the GGUF on; inspect and validate read one.
     """
 
 
-calibration_options = [
-    click.option("--text", "text", type=click.Path(path_type=Path), default=None,
-                 help="Calibration text file or HF dataset directory [default: ../shared/data/calibration-mixed.txt]."),
-    click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per calibration sequence."),
-]
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options in titled groups (`groups`: title -> option names), so each
+    group fits a screen."""
+
+    def __init__(self, *args, groups: dict[str, tuple[str, ...]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups = groups or {}
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        placed: set[str] = set()
+        for title, names in self.groups.items():
+            rows = [records[n] for n in names if records.get(n)]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [r for n, r in records.items() if r and n not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
 
 
 def with_options(options):
@@ -76,6 +102,42 @@ def with_options(options):
             fn = option(fn)
         return fn
     return decorate
+
+
+text_option = click.option("--text", type=click.Path(path_type=Path), default=None,
+                           help="Calibration text file or HF dataset directory [default: the calibration text "
+                                "shipped in d2m_gguf/data/].")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+PLAN_FIELDS = ("method", "fuse", "target_speedup", "max_bytes_per_token", "depth", "split", "top_k", "depth_aware",
+               "attach")
+HEAL_FIELDS = ("tokens", "minutes", "block_local_fraction", "freeze_guests", "min_expert_share", "host_first")
+
+
+def plan_options(fn):
+    return options(PlanRequest, PLAN_FIELDS)(options(ConvertRequest, ("device",))(fn))
+
+
+def heal_options(fn):
+    """The healing settings (HealSettings), plus --no-heal and the training precision."""
+    fn = click.option("--heal-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+                      show_default=True, help="Matmul precision of healing (weights stay fp32); auto: bf16 where "
+                                              "the hardware multiplies it natively.")(fn)
+    fn = click.option("--no-heal", is_flag=True, help="Skip healing (routers keep their initialisation).")(fn)
+    return options(HealSettings, HEAL_FIELDS)(fn)
+
+
+def healing_from(values: dict, with_ctx: bool = False):
+    """HealSettings from the heal options (an option left out keeps the HealSettings default), and from --ctx
+    where that option is the calibration sequence length."""
+    settings = from_options(HealSettings, {k: values[k] for k in HEAL_FIELDS + (("ctx",) if with_ctx else ())})
+    if values["no_heal"]:
+        settings = settings.disabled()
+    return settings.with_precision(resolve_precision(values["heal_precision"]))
+
+
+def plan_request_from(values: dict) -> PlanRequest:
+    return from_options(PlanRequest, {k: values[k] for k in PLAN_FIELDS})
 
 
 def _dense_reference(hf_dir: Path):
@@ -90,111 +152,50 @@ def _dense_reference(hf_dir: Path):
     return spec, ckpt, upcycle(spec, ckpt, identity_plan(spec.n_layer))
 
 
-plan_options = [
-    click.option("--method", type=click.Choice(["lfuc", "prune", "attn-prune", "upcycle"]), default="lfuc",
-                 show_default=True, help="LF-UC, or a baseline made by the same machinery."),
-    click.option("--fuse", type=int, default=None,
-                 help="Fused groups (lfuc) / removed layers or attentions (baselines) / MLPs saved (upcycle)."),
-    click.option("--target-speedup", type=float, default=None, help="Smallest plan predicted this much faster."),
-    click.option("--max-bytes-per-token", type=float, default=None, help="Smallest plan reading at most this."),
-    click.option("--depth", type=int, default=512, show_default=True, help="Context depth the plan targets."),
-    click.option("--device", default="host", show_default=True,
-                 help="Device profile for predictions (host, phone-i8mm, phone-dotprod, rpi5, ...)."),
-    click.option("--split", type=int, default=None,
-                 help="Experts cut from each source MLP [default: 1 for lfuc (whole MLPs, top-1), 6 for upcycle]."),
-    click.option("--top-k", type=int, default=None, help="Experts per token [default: split]."),
-    click.option("--depth-aware", is_flag=True,
-                 help="lfuc, prune: the cheapest mix of removed layers and attentions dropped alone that saves "
-                      "--fuse layers' bytes at --depth."),
-    click.option("--attach", type=click.Choice(["nearest", "before"]), default="nearest", show_default=True,
-                 help="lfuc: a removed layer's MLP joins the nearest kept layer on either side, or the one before."),
-]
+def router_init_option(fn):
+    return options(ConvertRequest, ("router_init",))(fn)
 
 
-def _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach):
-    from .planner import PlanRequest
-
-    return PlanRequest(method=method, fuse=fuse, target_speedup=target_speedup, max_bytes_per_token=max_bytes_per_token,
-                       depth=depth, split=split, top_k=top_k, depth_aware=depth_aware, attach=attach)
+def _calibration_ctx(fn):
+    return options(HealSettings, ("ctx",))(fn)
 
 
-heal_options = [
-    click.option("--heal-tokens", type=int, default=None,
-                 help="Healing budget in tokens [default: 640000: 600k of block-local distillation, cheap since only "
-                      "the fused blocks run, then 40k end-to-end; for SmolLM2-135M --fuse 8 on 2 cores about 8 "
-                      "minutes with native bf16, 22 on AVX2 alone]. It drives the schedule, so the result is "
-                      "reproducible."),
-    click.option("--heal-minutes", type=float, default=None,
-                 help="A time limit on healing (whichever ends first; alone, 0 tokens: a time budget)."),
-    click.option("--block-local-fraction", type=float, default=None,
-                 help="Share of the budget for block-local distillation; the rest is end-to-end [default: 0.9375]."),
-    click.option("--no-heal", is_flag=True, help="Skip healing (routers keep their initialisation)."),
-    click.option("--heal-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-                 help="Matmul precision of healing (weights stay fp32); auto: bf16 where the hardware has it."),
-    click.option("--freeze-guests/--train-guests", default=None,
-                 help="lfuc: keep the guest experts (removed layers' MLPs) at their pretrained weights while the "
-                      "host, attention, norms and routers heal [default: keep them; measured better than training "
-                      "them at 4 and 6 fused layers, level at 8]."),
-    click.option("--min-expert-share", type=click.FloatRange(0.0, 1.0), default=None,
-                 help="After healing, drop the experts a top-1 router picks for fewer than this share of the "
-                      "calibration tokens (the most used one stays); a routed block left with one expert is written "
-                      "dense, without the router and expert lookup [default: 0.001; 0 keeps every expert]."),
-    click.option("--host-first/--route-first", default=None,
-                 help="lfuc: block-local distillation heals every routed block with all tokens on its host (routers "
-                      "frozen: the pruned model's healing, token for token), then the router fit admits a guest "
-                      "only where it lowers the healed block's held-out error; experts no token then reaches are "
-                      "dropped, and end-to-end distillation heals the rest. LF-UC then heals no worse than "
-                      "pruning (SmolLM2, 6 and 8 fused: level with it, 0.2% better than --route-first, which fits "
-                      "the routers first and trains them while the blocks heal) [default: host first]."),
-]
+CONVERT_GROUPS = {
+    "What to write": ("dense", "plan_path", "from_checkpoint", "scores", "outtype", "save_hf", "work_dir"),
+    "Plan (d2m plan)": (*PLAN_FIELDS, "device", "router_init"),
+    "Healing": (*HEAL_FIELDS, "no_heal", "heal_precision", "text", "ctx", "seed"),
+}
 
 
-def _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests,
-                   min_expert_share, host_first, **kw):
-    """HealSettings from the heal options; an option not given keeps the HealSettings default."""
-    from .pipeline import HealSettings
-
-    given = {"minutes": 0 if no_heal else heal_minutes, "tokens": 0 if no_heal else heal_tokens,
-             "block_local_fraction": block_local_fraction, "freeze_guests": freeze_guests,
-             "min_expert_share": min_expert_share, "host_first": host_first, **kw}
-    settings = HealSettings(**{k: v for k, v in given.items() if v is not None})
-    from .heal import resolve_precision
-
-    return settings.with_precision(resolve_precision(heal_precision))
-
-
-@main.command("convert")
+@main.command("convert", cls=GroupedCommand, groups=CONVERT_GROUPS)
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--dense", is_flag=True, help="Write the dense model as a standard llama.cpp GGUF (llama/qwen2/qwen3).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help="Use this fusion plan (JSON or YAML, docs/plan-format.md) instead of planning automatically.")
+@click.option("--from-checkpoint", "from_checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Write this upcycled HF-style checkpoint (from --save-hf or `d2m distill`) instead of planning, "
+                   "upcycling and healing.")
 @click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`.")
-@with_options(plan_options)
-@with_options(heal_options)
-@with_options(calibration_options)
 @click.option("--outtype", type=click.Choice(OUTTYPES), default="f16", show_default=True,
               help="Tensor type of the GGUF (norms and routers stay f32).")
-@click.option("--router-init", type=click.Choice(["random", "host", "fit"]), default=None,
-              help="Override the plan's router initialisation.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for router initialisation and healing.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Where scores, plan, healing curves and checkpoints go [default: OUT.d2m/].")
-@click.option("--pre-tokenizer", default=None, help="llama.cpp BPE pre-tokenizer name, when it is not recognised.")
 @click.option("--save-hf", type=click.Path(path_type=Path), default=None,
               help="Also save the upcycled model as an HF-style checkpoint (safetensors + config) here.")
-@click.option("--from-checkpoint", "student", type=click.Path(path_type=Path), default=None,
-              help="Write this upcycled HF-style checkpoint (from --save-hf or `d2m heal`) instead of planning, "
-                   "upcycling and healing.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Where scores, plan, healing curves and summary go [default: OUT.d2m/].")
+@plan_options
+@router_init_option
+@heal_options
+@text_option
+@_calibration_ctx
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for router initialisation and healing.")
+@click.option("--pre-tokenizer", default=None, help="llama.cpp BPE pre-tokenizer name, when it is not recognised.")
+@quiet_option
 @verbose_option
 @user_errors
-def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores: Path | None, method, fuse,
-            target_speedup, max_bytes_per_token, depth, device, split, top_k, depth_aware, attach, heal_minutes,
-            heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests, min_expert_share, host_first,
-            text, ctx,
-            outtype: str, router_init: str | None, seed: int, work_dir: Path | None, pre_tokenizer: str | None,
-            save_hf: Path | None, student: Path | None, quiet: bool, verbose: bool) -> None:
+def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, from_checkpoint: Path | None,
+            scores: Path | None, outtype: str, save_hf: Path | None, work_dir: Path | None, text: Path | None,
+            seed: int, pre_tokenizer: str | None, quiet: bool, verbose: bool, **settings) -> None:
     """Convert HF_DIR (a Hugging Face checkpoint) to OUT (a GGUF).
 
     \b
@@ -203,13 +204,13 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
     --fuse 8), upcycle, heal within the budget, write a dense2moe GGUF.
     --dense         the dense model, as llama.cpp's convert_hf_to_gguf.py writes it
     --plan PLAN     a hand-written (or earlier) fusion plan instead of planning
-    --from-checkpoint DIR   an upcycled checkpoint healed elsewhere (`d2m heal`)
+    --from-checkpoint DIR   an upcycled checkpoint distilled elsewhere (`d2m distill`)
     """
     from .atomic import check_output_path
     from .ggufout import OutType
     from .spec import load_dense_spec
 
-    if sum(map(bool, (dense, plan_path, student))) > 1:
+    if sum(map(bool, (dense, plan_path, from_checkpoint))) > 1:
         raise D2MError("--dense, --plan and --from-checkpoint exclude each other")
     spec = load_dense_spec(hf_dir)  # fails early, before any work, on a bad checkpoint
     check_output_path(out)
@@ -220,21 +221,16 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, scores
         log.info("wrote %s (dense %s, %s)", out, spec.dense_gguf_arch, outtype)
         return
 
-    from dataclasses import replace
+    from .pipeline import run
 
-    from .pipeline import ConvertRequest, run
-
-    if plan_path is None and fuse is None and target_speedup is None and max_bytes_per_token is None:
-        fuse = 8
-    request = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach)
-    if router_init:
-        request = replace(request, router_init=router_init)
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests,
-                          min_expert_share, host_first, ctx=ctx)
-    summary = run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
-                                 request=request, device=device, text=text, heal=heal, work_dir=work_dir,
-                                 save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
-                                 router_init=router_init, student=student))
+    request = plan_request_from(settings)
+    if plan_path is None:
+        request = request.with_default_target()
+    job = ConvertRequest(hf_dir=hf_dir, out=out, outtype=OutType(outtype), plan=plan_path, scores=scores,
+                         request=request, text=text, healing=healing_from(settings, with_ctx=True), work_dir=work_dir,
+                         save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
+                         student=from_checkpoint)
+    summary = run(from_options(ConvertRequest, settings, base=job))   # --device, --router-init
     log.info("wrote %s (dense2moe, %s): %s", out, outtype, json.dumps(summary["plan"]))
 
 
@@ -284,23 +280,26 @@ def validate(gguf_file: Path, verbose: bool) -> None:
 
 @main.command("analyze")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
-@with_options(calibration_options)
-@click.option("--chunks", type=int, default=32, show_default=True, help="Calibration sequences to run.")
+@text_option
+@_calibration_ctx
+@click.option("--chunks", type=int, default=ANALYSIS_SEQUENCES, show_default=True,
+              help="Calibration sequences to run.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("scores.json"), show_default=True,
               help="Per-layer scores (JSON).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Also draw the scores as a PNG [default: OUTPUT with .png].")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @verbose_option
 @user_errors
-def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int, chunks: int, output: Path, plot: Path | None,
+def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int | None, chunks: int, output: Path, plot: Path | None,
                 quiet: bool, verbose: bool) -> None:
     """Score every layer of HF_DIR on calibration text: block, attention and MLP influence, MLP similarity."""
     from .analysis import analyze, plot_scores
     from .pipeline import calibration
 
     spec, _, model = _dense_reference(hf_dir)
-    scores = analyze(model, calibration(hf_dir, text, ctx, chunks), progress=not quiet, source=hf_dir.name)
+    scores = analyze(model, calibration(hf_dir, text, ctx or HealSettings.ctx, chunks), progress=not quiet,
+                     source=hf_dir.name)
     scores.save(output)
     plot_scores(scores, plot or output.with_suffix(".png"))
     order = sorted(range(1, spec.n_layer - 1), key=lambda i: scores.influence[i])
@@ -311,19 +310,20 @@ def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int, chunks: int, output: 
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @click.option("--scores", type=click.Path(path_type=Path), default=None,
               help="Scores from `d2m analyze` (computed now if not given).")
-@with_options(plan_options)
-@with_options(calibration_options)
+@plan_options
+@text_option
+@_calibration_ctx
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
 @verbose_option
 @user_errors
-def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, max_bytes_per_token, depth, device,
-             split, top_k, depth_aware, attach, text, ctx, output: Path, verbose: bool) -> None:
+def plan_cmd(hf_dir: Path, scores: Path | None, text: Path | None, ctx: int | None, output: Path, verbose: bool,
+             **settings) -> None:
     """Make a fusion plan for HF_DIR that meets a speed target, and print its predicted speedup."""
     from .analysis import LayerScores, analyze
-    from .pipeline import calibration
     from .costmodel import get_device
-    from .planner import choose_plan
+    from .pipeline import calibration
     from .plan import plan_summary
+    from .planner import choose_plan
     from .spec import load_dense_spec
 
     spec = load_dense_spec(hf_dir)
@@ -331,61 +331,66 @@ def plan_cmd(hf_dir: Path, scores: Path | None, method, fuse, target_speedup, ma
         layer_scores = LayerScores.load(scores)
     else:
         _, _, model = _dense_reference(hf_dir)
-        layer_scores = analyze(model, calibration(hf_dir, text, ctx, 32), source=hf_dir.name)
-    req = _plan_request(method, fuse, target_speedup, max_bytes_per_token, depth, split, top_k, depth_aware, attach)
-    dev = get_device(device)
+        layer_scores = analyze(model, calibration(hf_dir, text, ctx or HealSettings.ctx, ANALYSIS_SEQUENCES),
+                               source=hf_dir.name)
+    req = plan_request_from(settings)
+    dev = get_device(settings["device"] or ConvertRequest.device)
     choice = choose_plan(spec, layer_scores, req, dev)
     choice.plan.save(output)
-    click.echo(f"wrote {output}: {method} fuse={choice.fuse} {json.dumps(plan_summary(choice.plan))}")
-    click.echo(f"predicted on {dev.name} at depth {depth}: {choice.dense_bytes / 1e6:.1f} -> "
+    click.echo(f"wrote {output}: {req.method} fuse={choice.fuse} {json.dumps(plan_summary(choice.plan))}")
+    click.echo(f"predicted on {dev.name} at depth {req.depth}: {choice.dense_bytes / 1e6:.1f} -> "
                f"{choice.plan_bytes / 1e6:.1f} MB/token, speedup x{choice.predicted_speedup:.2f}")
 
 
-@main.command("heal")
+def _distill_options(fn):
+    fn = options(E2EConfig, ("lr", "batch", "kd_weight", "lm_weight"))(fn)
+    return options(DistillRequest, ("minutes", "tokens", "freeze_guests"))(fn)
+
+
+@main.command("distill")
 @click.argument("student", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--teacher", type=click.Path(path_type=Path), required=True,
               help="The dense HF checkpoint the student was upcycled from.")
-@click.option("--minutes", type=float, default=10.0, show_default=True, help="Budget in minutes (0: none).")
-@click.option("--tokens", type=int, default=None, help="Budget in training tokens (whichever ends first).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (cosine decay).")
-@click.option("--batch", type=int, default=4, show_default=True, help="Sequences per step (per process).")
-@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of KL(teacher || student).")
-@click.option("--lm-weight", type=float, default=0.1, show_default=True, help="Weight of the next-token loss.")
+@_distill_options
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Matmul precision (weights stay fp32); auto: bf16 on GPUs and CPUs with native bf16.")
-@click.option("--freeze-guests/--train-guests", default=True, show_default=True,
-              help="Keep the guest experts (removed layers' MLPs) as they are in STUDENT, as convert does.")
-@with_options(calibration_options)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@text_option
+@_calibration_ctx
+@quiet_option
 @verbose_option
 @user_errors
-def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: int | None, lr: float, batch: int,
-             kd_weight: float, lm_weight: float, precision: str, freeze_guests: bool, text: Path | None, ctx: int, quiet: bool,
-             verbose: bool) -> None:
+def distill_cmd(student: Path, out: Path, teacher: Path, precision: str, text: Path | None, quiet: bool,
+                verbose: bool, **settings) -> None:
     """End-to-end distillation of STUDENT (an upcycled checkpoint from `convert --save-hf`) into OUT.
 
     \b
-    On CPU for small budgets; for real budgets on GPUs run it under torchrun (DDP):
-      torchrun --nproc-per-node 8 -m d2m_gguf heal STUDENT OUT --teacher HF_DIR --tokens 200000000
+    The continued healing of a saved model, on CPU for small budgets; for real budgets on GPUs run it under
+    torchrun (DDP):
+      torchrun --nproc-per-node 8 -m d2m_gguf distill STUDENT OUT --teacher HF_DIR --tokens 200000000
     It checkpoints to OUT/checkpoint.pt and resumes from it; write the result with
     `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`.
     """
-    from .heal import Budget, E2EConfig, resolve_precision
-    from .pipeline import HealRequest, heal_checkpoint
+    from .pipeline import distill_checkpoint
 
-    if not minutes and not tokens:
+    req = from_options(DistillRequest, settings, base=DistillRequest(
+        student=student, teacher=teacher, out=out, text=text,
+        e2e=from_options(E2EConfig, settings, precision=resolve_precision(precision)), progress=not quiet))
+    if settings["ctx"] is not None:
+        req.ctx = settings["ctx"]
+    if not req.minutes and not req.tokens:
         raise D2MError("give a budget: --minutes and/or --tokens")
-    stage = heal_checkpoint(HealRequest(student=student, teacher=teacher, out=out,
-                                        budget=Budget(tokens=tokens, minutes=minutes or None), text=text, ctx=ctx,
-                                        e2e=E2EConfig(lr=lr, batch=batch, kd_weight=kd_weight, lm_weight=lm_weight,
-                                                      precision=resolve_precision(precision)),
-                                        freeze_guests=freeze_guests, progress=not quiet))
+    stage = distill_checkpoint(req)
     if stage is None:
         return  # another rank of a torchrun job; rank 0 reports
     last = stage.rows[-1] if stage.rows else {}
-    click.echo(f"healed {stage.tokens} tokens in {stage.seconds / 60:.1f} min (kd {last.get('kd', float('nan')):.4f}); "
-               f"wrote {out}")
+    click.echo(f"distilled {stage.tokens} tokens in {stage.seconds / 60:.1f} min "
+               f"(kd {last.get('kd', float('nan')):.4f}); wrote {out}")
+
+
+# the name it had: `d2m heal` continued healing end to end; kept so that scripts and torchrun lines still work
+main.add_command(click.Command("heal", params=distill_cmd.params, callback=distill_cmd.callback, hidden=True,
+                               help="The former name of `d2m distill`."))
 
 
 @main.command("synth")
@@ -395,7 +400,7 @@ def heal_cmd(student: Path, out: Path, teacher: Path, minutes: float, tokens: in
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens sampled per sample.")
 @click.option("--batch", type=int, default=32, show_default=True, help="Samples drawn at once.")
 @click.option("--prompt", type=click.Path(path_type=Path), default=None,
-              help="Text the samples start from [default: ../shared/data/calibration-mixed.txt].")
+              help="Text the samples start from [default: the calibration text shipped in d2m_gguf/data/].")
 @click.option("--prompt-len", type=int, default=8, show_default=True,
               help="Tokens of the prompt text each sample starts from (0: start from BOS alone).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -411,7 +416,7 @@ def synth_cmd(hf_dir: Path, out: Path, tokens: int, seq_len: int, batch: int, pr
     Healing teaches only what its text holds. With no large corpus at hand, the teacher's own samples
     (each continuing a short span of the prompt text) give as much text in its distribution as a budget needs:
       d2m synth HF_DIR synth.txt --tokens 600000
-      cat ../shared/data/calibration-mixed.txt synth.txt > heal.txt
+      cat "$(python -c 'import d2m_gguf.data as d; print(d.DEFAULT_CALIBRATION)')" synth.txt > heal.txt
       python convert.py HF_DIR out.gguf --text heal.txt
     Never prompt from the evaluation text.
     """
@@ -428,66 +433,34 @@ def bench() -> None:
     """Benchmarks with the patched llama.cpp (quality with llama-perplexity, speed with llama-bench)."""
 
 
-# shared by the commands that build and compare method variants (bench lfuc, bench curve)
-variant_bench_options = [
-    click.option("--methods", default="lfuc,prune", show_default=True,
-                 help="Methods to compare (plus dense); a -da suffix (lfuc-da, prune-da) plans depth-aware at the "
-                      "timed depth."),
-    click.option("--outtype", type=click.Choice(OUTTYPES), default="q8_0", show_default=True),
-    click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`."),
-    click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True),
-    click.option("--quiet", is_flag=True, help="No progress bars."),
-]
-
-
 @bench.command("lfuc")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
-@click.option("--sizes", default="4,6,8", show_default=True, help="Fused groups / removed layers per variant.")
-@with_options(variant_bench_options)
-@with_options(heal_options)
-@click.option("--ctx", type=int, default=512, show_default=True, help="llama-perplexity context.")
-@click.option("--chunks", type=int, default=None, help="WikiText chunks (default: the whole test set).")
-@click.option("--depth", type=int, default=0, show_default=True, help="Context depth of the decode timing.")
+@options(LfucTableRequest, ("sizes", "methods", "outtype", "ctx", "chunks", "depth", "scores", "results"))
+@heal_options
+@quiet_option
 @verbose_option
 @user_errors
-def bench_lfuc(hf_dir, sizes, methods, outtype, heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision,
-               freeze_guests, min_expert_share, host_first, ctx, chunks, depth, scores, results, quiet,
-               verbose) -> None:
+def bench_lfuc(hf_dir, quiet, verbose, **settings) -> None:
     """LF-UC against equally healed pruning baselines at each size, and the dense model: ppl and decode speed."""
-    from .bench import LfucTableRequest, lfuc_table
-    from .ggufout import OutType
+    from .bench.lfuc import lfuc_table
 
-    heal = _heal_settings(heal_minutes, heal_tokens, block_local_fraction, no_heal, heal_precision, freeze_guests,
-                          min_expert_share, host_first)
-    out = lfuc_table(LfucTableRequest(hf_dir=hf_dir, sizes=tuple(int(s) for s in sizes.split(",")),
-                                      methods=tuple(methods.split(",")), outtype=OutType(outtype), heal=heal,
-                                      ctx=ctx, chunks=chunks, depth=depth, scores=scores, results=results,
-                                      progress=not quiet))
+    base = LfucTableRequest(hf_dir=hf_dir, heal=healing_from(settings), progress=not quiet)
+    out = lfuc_table(from_options(LfucTableRequest, settings, base=base))
     click.echo((out / "lfuc.md").read_text())
     click.echo(f"results in {out}")
 
 
 @bench.command("curve")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
-@click.option("--fuse", type=int, default=8, show_default=True, help="Fused groups / removed layers.")
-@with_options(variant_bench_options)
-@click.option("--budgets", default="0,160000,640000,1280000", show_default=True,
-              help="Healing-token budgets (each split as --block-local-fraction's default says).")
-@click.option("--chunks", type=int, default=40, show_default=True, help="WikiText chunks of 512 tokens.")
+@options(CurveRequest, ("fuse", "methods", "budgets", "outtype", "chunks", "scores", "results"))
+@quiet_option
 @verbose_option
 @user_errors
-def bench_curve(hf_dir, fuse, methods, budgets, outtype, chunks, scores, results, quiet, verbose) -> None:
+def bench_curve(hf_dir, quiet, verbose, **settings) -> None:
     """Perplexity against the healing budget (tokens) for each method: curve.csv, curve.md, curve.png."""
-    from .bench import CurveRequest, healing_curve
-    from .ggufout import OutType
+    from .bench.lfuc import healing_curve
 
-    try:
-        budget_list = tuple(int(b) for b in budgets.split(","))
-    except ValueError:
-        raise D2MError(f"--budgets {budgets!r}: give comma-separated token counts, e.g. 0,160000,640000") from None
-    out = healing_curve(CurveRequest(hf_dir=hf_dir, fuse=fuse, methods=tuple(methods.split(",")), budgets=budget_list,
-                                     outtype=OutType(outtype), chunks=chunks, scores=scores, results=results,
-                                     progress=not quiet))
+    out = healing_curve(from_options(CurveRequest, settings, base=CurveRequest(hf_dir=hf_dir, progress=not quiet)))
     click.echo((out / "curve.md").read_text())
     click.echo(f"results in {out}")
 
@@ -495,34 +468,26 @@ def bench_curve(hf_dir, fuse, methods, budgets, outtype, chunks, scores, results
 @bench.command("matrix")
 @click.argument("hf_dir", type=click.Path(path_type=Path), default=Path("models/smollm2-135m-instruct"))
 @click.option("--quick", is_flag=True, help="The QUICK subset (dense + a hand-written LF-UC plan, 3 quant types).")
-@click.option("--quants", default=None, help="Comma-separated quant types / recipes (default: all; see quant/).")
-@click.option("--chunks", type=int, default=None, help="WikiText-2 test chunks per row [default: 8, QUICK 3].")
+@options(MatrixRequest, ("quants", "chunks", "results"))
 @click.option("--heal-tokens", type=int, default=None,
-              help="Healing budget of the variants in tokens [default: 320000, 2-4 min each; QUICK 0].")
+              help=f"Healing budget of the variants in tokens [default: {MATRIX_HEAL_TOKENS}; QUICK 0].")
 @click.option("--with-upcycle", is_flag=True, help="Add plain sparse upcycling rows (full matrix).")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @verbose_option
 @user_errors
-def bench_matrix(hf_dir, quick, quants, chunks, heal_tokens, with_upcycle, results, verbose) -> None:
+def bench_matrix(hf_dir, quick, heal_tokens, with_upcycle, verbose, **settings) -> None:
     """Variants x quant types: size, active bytes, ppl, KLD, top-1, host tok/s, predicted phone tok/s, arm64 check.
 
     Writes matrix.csv, matrix.md, pareto.png and the tool logs under RESULTS/<timestamp>/."""
-    from .matrix import MatrixVariant, full_request, quick_request
-    from .pipeline import HealSettings
+    from .bench.matrix import MatrixVariant, full_request, quick_request, run_matrix
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise D2MError(f"{hf_dir}: not a Hugging Face checkpoint directory (make smollm2)")
-    kw: dict = {"results": results}
-    if quants:
-        kw["quants"] = tuple(q.strip() for q in quants.split(",") if q.strip())
-    if chunks:
-        kw["chunks"] = chunks
+    kw = {k: v for k, v in settings.items() if v is not None}
     if heal_tokens is not None:
         kw["heal"] = HealSettings(tokens=heal_tokens)
     req = quick_request(hf_dir, **kw) if quick else full_request(hf_dir, **kw)
     if with_upcycle:
         req.variants = (*req.variants, MatrixVariant("upcycle", 4))
-    from .matrix import run_matrix
     out = run_matrix(req)
     click.echo((out / "matrix.md").read_text())
     click.echo(f"results in {out}")
@@ -541,7 +506,7 @@ def bench_adb(results, matrix_dir, quants, threads, verbose) -> None:
     """Time matrix rows on an attached Android phone (llama-bench over adb) and append them to the matrix.
 
     With no device attached (or no adb) it says so and does nothing else."""
-    from .matrix import adb_bench
+    from .bench.matrix import adb_bench
 
     adb_bench(results=results, matrix_dir=matrix_dir, quants=tuple(quants.split(",")), threads=threads,
               echo=click.echo)
@@ -554,7 +519,8 @@ def bench_adb(results, matrix_dir, quants, threads, verbose) -> None:
               "(quant/<recipe>.json), or a recipe .json path.")
 @click.option("--type", "qtype", default=None, help="A plain llama-quantize type instead of a recipe (Q4_0, Q4_K_M...).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
-              help="Calibration text for the importance matrix [default: ../shared/data/calibration-mixed.txt].")
+              help="Calibration text for the importance matrix [default: the calibration text shipped in "
+                   "d2m_gguf/data/].")
 @click.option("--chunks", type=int, default=64, show_default=True, help="Calibration chunks for llama-imatrix.")
 @click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per imatrix chunk.")
 @click.option("--min-expert-tokens", type=int, default=None,

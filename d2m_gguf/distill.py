@@ -1,4 +1,5 @@
-"""Healing: router fit, block-local distillation on cached teacher activations, end-to-end distillation.
+"""The training healing is made of: router fit, block-local distillation on cached teacher activations,
+end-to-end distillation. What runs in which order is the healing stage's (heal.py).
 
 Every trained block j of a plan replaces a contiguous span of source layers
 [start_j, end_j). Its teacher is the dense model's residual stream: input at
@@ -11,7 +12,7 @@ r (what the replaced layers add to the stream), expert e's contribution c_e
 scores 2<c_e, r> - |c_e|^2, the error it removes on its own; the router is
 trained towards softmax(score / temperature). A top-k router thereby learns to
 select the experts that best reconstruct what the fused layers computed.
-Host first (the pipeline's default) the routers stay frozen on the host while
+Host first (heal.py's default schedule) the routers stay frozen on the host while
 the blocks heal (`frozen_routers`) and are fitted on the healed blocks after.
 """
 
@@ -21,7 +22,7 @@ import math
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import D2MError
-from .model import Block, HybridModel, MoEFFN, load_balance, rope_cos_sin
+from .options import setting
+from .model import Block, HybridModel, MoEFFN, rope_cos_sin
 from .plan import FusionPlan, block_spans, trained_blocks
 
 
@@ -38,8 +40,8 @@ from .plan import FusionPlan, block_spans, trained_blocks
 
 def default_precision() -> str:
     """`bf16` where the hardware multiplies bf16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): matmuls then
-    run about 2.3x faster on CPU (measured on SmolLM2-135M, 2 cores) while weights, optimiser state and losses
-    stay float32; `fp32` elsewhere, where emulated bf16 would be slower than float32."""
+    run about twice as fast on CPU while weights, optimiser state and losses stay float32; `fp32` elsewhere,
+    where emulated bf16 would be slower than float32."""
     if torch.cuda.is_available():
         return "bf16"
     try:
@@ -284,6 +286,21 @@ class Budget:
                 or (self.minutes is not None and seconds >= self.minutes * 60)
                 or (self.max_steps is not None and steps >= self.max_steps))
 
+    def fraction_spent(self, tokens: int, seconds: float, steps: int) -> float:
+        """How much of the budget is spent, for the cosine learning-rate schedule.
+
+        A token or step budget, when given, drives the schedule alone and the time budget is
+        only a stop: the wall clock then never changes a weight, so the same inputs and seed
+        heal to the same model (byte-identical GGUF) on any machine that finishes in time."""
+        fractions = []
+        if self.tokens:
+            fractions.append(tokens / self.tokens)
+        if self.max_steps:
+            fractions.append(steps / self.max_steps)
+        if self.minutes and not fractions:
+            fractions.append(seconds / (self.minutes * 60))
+        return max(fractions) if fractions else 0.0
+
 
 @dataclass
 class StageLog:
@@ -339,7 +356,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
             loss.backward()
             loss_sum += loss.item()
             parts[f"rel_mse_{j}"] = rel.item()
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, _progress(budget, tokens, seconds, steps, cfg, t))))
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, budget.fraction_spent(tokens, seconds, steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
@@ -355,30 +372,14 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     return log
 
 
-def _progress(budget: Budget, tokens: int, seconds: float, steps: int, cfg, t: int) -> float:
-    """Fraction of the budget spent (for the cosine schedule).
-
-    A token or step budget, when given, drives the schedule alone and the time budget is
-    only a stop: the wall clock then never changes a weight, so the same inputs and seed
-    heal to the same model (byte-identical GGUF) on any machine that finishes in time."""
-    fractions = []
-    if budget.tokens:
-        fractions.append(tokens / budget.tokens)
-    if budget.max_steps:
-        fractions.append(steps / budget.max_steps)
-    if budget.minutes and not fractions:
-        fractions.append(seconds / (budget.minutes * 60))
-    return max(fractions) if fractions else 0.0
-
-
 # -- end-to-end distillation ------------------------------------------------------------------------
 
 @dataclass
 class E2EConfig:
-    lr: float = 1e-4
-    batch: int = 4                  # sequences per step (per process)
-    kd_weight: float = 1.0          # KL(teacher || student) on the logits
-    lm_weight: float = 0.1          # next-token cross-entropy on the calibration text
+    lr: float = setting(1e-4, "Peak learning rate (cosine decay).")
+    batch: int = setting(4, "Sequences per step (per process).")
+    kd_weight: float = setting(1.0, "Weight of KL(teacher || student) on the logits.")
+    lm_weight: float = setting(0.1, "Weight of the next-token loss on the calibration text.")
     balance_weight: float = 0.01
     freeze_embeddings: bool = True  # the (often tied) embeddings stay as the teacher's
     log_every: int = 5
@@ -435,7 +436,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         lm = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), x[:, 1:].reshape(-1))
         balance = _moe_balance(student)
         loss = cfg.kd_weight * kd + cfg.lm_weight * lm + cfg.balance_weight * balance
-        frac = _progress(budget, tokens, seconds, step, cfg, t)
+        frac = budget.fraction_spent(tokens, seconds, step)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         opt.zero_grad(set_to_none=True)

@@ -66,5 +66,5 @@ def load_hf_plan(path: Path, n_layer: int) -> FusionPlan:
     """The fusion plan saved beside the weights (d2m_plan.json), validated against the source's depth."""
     plan_file = Path(path) / "d2m_plan.json"
     if not plan_file.is_file():
-        raise D2MError(f"{path}: no d2m_plan.json (not written by `d2m convert --save-hf` or `d2m heal`)")
+        raise D2MError(f"{path}: no d2m_plan.json (not written by `d2m convert --save-hf` or `d2m distill`)")
     return load_plan(plan_file, n_layer)

@@ -202,8 +202,8 @@ def block_spans(plan: FusionPlan) -> list[tuple[int, int]]:
 
     Layers that no block uses (pruned) go to the nearer of the blocks on either side (ties to the one
     before), as LF-UC's nearest attach places a removed layer's MLP: a pruned run is then healed by both
-    its neighbours, each standing for half of it, instead of by the block before it alone (measured on
-    SmolLM2 pruning 8 layers, 640k healing tokens: WikiText ppl 46.2 against 47.9)."""
+    its neighbours, each standing for half of it, instead of by the block before it alone, which heals
+    worse (docs/results.md)."""
     sources = [[*b.mlp, *([b.attention] if b.attention is not None else [])] for b in plan.blocks]
     used = {s for block in sources for s in block}
     starts = [0]

@@ -3,8 +3,8 @@
 Methods (equal `fuse` = equal active weight bytes):
 - `lfuc`: remove the `fuse` most redundant layers (lowest block influence, never the
   first or last); each removed layer loses its attention and its MLP becomes experts
-  of the MoE in the nearest kept layer before it. Each source MLP is cut into
-  `split` experts (default 1: whole MLPs) and `top_k = split` of them run per token, so a
+  of the MoE in the nearest kept layer (either side; `attach="before"`: the one before it).
+  Each source MLP is cut into `split` experts (default 1: whole MLPs) and `top_k = split` of them run per token, so a
   block reads one MLP's worth of expert weights, chosen per token from all the MLPs of its group.
 - `prune`: remove the same layers outright (ShortGPT-style layer pruning).
 - `attn-prune`: remove the attention of the `fuse` layers with the least attention influence.
@@ -19,11 +19,12 @@ that costs less quality for the bytes saved (at long contexts a layer's KV cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .analysis import LayerScores
 from .costmodel import Device, WeightTypes, planned_cost
 from .errors import D2MError
+from .options import setting
 from .plan import BlockPlan, FusionPlan, validate_plan
 from .spec import DenseSpec
 from .upcycle import hybrid_config
@@ -31,19 +32,35 @@ from .upcycle import hybrid_config
 METHODS = ("lfuc", "prune", "attn-prune", "upcycle")
 
 
+DEFAULT_FUSE = 8   # what the whole job plans when no target is given
+
+
 @dataclass(frozen=True)
 class PlanRequest:
-    method: str = "lfuc"
-    fuse: int | None = None
-    target_speedup: float | None = None
-    max_bytes_per_token: float | None = None
-    depth: int = 512
-    split: int | None = None          # default: DEFAULT_SPLIT of the method
-    top_k: int | None = None          # default: split (one MLP's worth of experts per token)
-    depth_aware: bool = False
-    router_init: str = "fit"
-    attach: str = "nearest"           # lfuc: host of a removed layer's MLP (plan_lfuc)
+    """What to plan: a method and a target (a size, a speedup or a byte budget) at a context depth."""
+
+    method: str = setting("lfuc", "LF-UC, or a baseline made by the same machinery.", choices=METHODS)
+    fuse: int | None = setting(None, "Fused groups (lfuc) / removed layers or attentions (baselines) / MLPs saved "
+                               "(upcycle).", default_text=f"{DEFAULT_FUSE} when no other target is given")
+    target_speedup: float | None = setting(None, "Smallest plan predicted this much faster.")
+    max_bytes_per_token: float | None = setting(None, "Smallest plan reading at most this many bytes per token.")
+    depth: int = setting(512, "Context depth the plan targets (the KV cache read per token grows with it).")
+    split: int | None = setting(None, "Experts cut from each source MLP.",
+                                default_text="1 for lfuc (whole MLPs), 6 for upcycle")
+    top_k: int | None = setting(None, "Experts per token (one MLP's worth of expert weights).",
+                                default_text="split")
+    depth_aware: bool = setting(False, "lfuc, prune: the cheapest mix of removed layers and attentions dropped "
+                                "alone that saves --fuse layers' bytes at --depth.")
+    router_init: str = "fit"          # the job may override it for any plan (ConvertRequest.router_init)
+    attach: str = setting("nearest", "lfuc: a removed layer's MLP joins the nearest kept layer on either side, "
+                          "or the one before.", choices=("nearest", "before"))
     weight_types: WeightTypes = WeightTypes()
+
+    def with_default_target(self) -> "PlanRequest":
+        """This request, with `fuse` = DEFAULT_FUSE when it names no target."""
+        if self.fuse is None and self.target_speedup is None and self.max_bytes_per_token is None:
+            return replace(self, fuse=DEFAULT_FUSE)
+        return self
 
 
 def _removable(scores: LayerScores, key: str) -> list[int]:
@@ -110,12 +127,9 @@ def plan_upcycle(n_layer: int, n_saved: int, split: int, router_init: str) -> Fu
     return FusionPlan(tuple(blocks), n_layer, router_init=router_init, method="upcycle", notes={"mlps_saved": n_saved})
 
 
-# lfuc: whole MLPs as experts, top-1 (llama.cpp then takes the router's argmax, no weights). Measured on
-# SmolLM2 with 8 fused layers and nearest attach (WikiText ppl, PyTorch): with a light budget (60k block-local
-# + 40k end-to-end tokens, 16 x 512 eval tokens) halves top-2 did better (whole 60.5, halves 58.9, quarters
-# top-4 59.4); with the default budget (600k + 40k, 40 x 512 eval tokens) whole MLPs win: 41.7 against
-# halves 43.3 and pruning 45.1 (paired ratio to pruning 0.926 +- 0.006). Plain upcycling needs slices to
-# lower top-k at all.
+# lfuc: whole MLPs as experts, top-1 (llama.cpp then takes the router's argmax, no weights); at the default
+# healing budget whole MLPs healed better than halves or quarters (docs/results.md). Plain upcycling needs
+# slices to lower top-k at all.
 DEFAULT_SPLIT = {"lfuc": 1, "upcycle": 6}
 
 
@@ -145,9 +159,8 @@ def _depth_aware_choice(spec: DenseSpec, scores: LayerScores, req: PlanRequest, 
 
     An exact 0/1 knapsack over the middle layers (each: keep, drop its attention, or fuse it) on bytes in
     units of 1/8 of the smallest attention: a greedy by cost per byte overshoots the target with its last pick
-    (a whole layer where two attentions would do). Influence undervalues late attentions: on SmolLM2 at depth 0
-    the 4-layer choice (fuse 13, 14, 17; attentions 7, 25, 26, 28 alone) healed 7% worse than fusing 13-15, 17
-    (WikiText ppl 31.3 against 29.1), so depth-aware plans are for long contexts, where the KV cache pays."""
+    (a whole layer where two attentions would do). Influence undervalues late attentions (docs/results.md),
+    so depth-aware plans are for long contexts, where the KV cache pays."""
     dense = planned_cost(hybrid_config(spec, plan_prune(spec.n_layer, [])), req.weight_types, req.depth)
     layer_bytes = dense.per_layer
     mlp_bytes = 3 * spec.n_embd * spec.n_ff * _bpw(req.weight_types.ffn)

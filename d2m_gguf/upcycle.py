@@ -5,8 +5,8 @@ The gain is folded into the expert's gate/up columns (W diag(g)), so one block
 norm serves all experts: a routed block, or a dense block fusing several MLPs,
 gets a unit norm gain. A dense block that healing trains (it stands for pruned
 layers too) is folded the same way, so pruning heals in the parametrisation
-LF-UC heals in: AdamW is not invariant to it, and measured on SmolLM2 (8 layers
-pruned, 641k healing tokens) folding alone took WikiText ppl from 46.4 to 44.2.
+LF-UC heals in: AdamW is not invariant to that change of variables, and the
+folded baseline heals better (docs/results.md).
 A dense copy of one layer keeps its source norm untouched, so the identity plan
 reproduces the dense model bit for bit.
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from d2m_gguf.llamacpp import QEMU, LlamaCpp, parse_kv_cache
-from d2m_gguf.matrix import arm64_check, arm64_check_text
+from d2m_gguf.bench.matrix import arm64_check, arm64_check_text
 
 from .conftest import REPO, _env_path, _require
 from .test_parity import hybrid

@@ -154,7 +154,7 @@ def test_quantize_unknown_device_is_one_line_exit_2(tiny_d2m_f16, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_matrix(tiny_llama, llama, wikitext, calibration_text, tmp_path_factory) -> Path:
-    from d2m_gguf.matrix import MatrixRequest, MatrixVariant, run_matrix
+    from d2m_gguf.bench.matrix import MatrixRequest, MatrixVariant, run_matrix
 
     req = MatrixRequest(
         hf_dir=tiny_llama,
@@ -191,6 +191,7 @@ def test_matrix_rows_columns_and_files(tiny_matrix):
     assert float(by["dense", "F16"]["decode_vs_dense"]) == 1.0
     md = (tiny_matrix / "matrix.md").read_text()
     assert md.count("\n| ") == 1 + len(rows)
+    _assert_provenance(md, json.loads((tiny_matrix / "settings.json").read_text()))
 
 
 def test_matrix_records_a_failed_row_and_completes(tiny_matrix):
@@ -211,15 +212,81 @@ def test_pareto_png_is_a_valid_png(tiny_matrix):
 
 
 def test_pareto_front():
-    from d2m_gguf.matrix import pareto_front
+    from d2m_gguf.bench.matrix import pareto_front
     pts = [(10, 5.0), (20, 6.0), (15, 7.0), (5, 4.0), (20, 5.5)]
     assert sorted(pareto_front(pts)) == [0, 3, 4]
+
+
+def _assert_provenance(md: str, settings: dict | None = None) -> None:
+    """A table opens with date, commit, machine and command (and its settings.json carries the same first)."""
+    head = md.split("\n### ", 1)[0].splitlines()
+    assert [line.split(":", 1)[0] for line in head] == ["- date", "- commit", "- machine", "- command"], head
+    assert head[0].endswith(" UTC") and "cores" in head[2]
+    if settings is not None:
+        assert list(settings)[0] == "provenance" and list(settings["provenance"]) == ["date", "commit", "machine",
+                                                                                     "command"]
+        assert [f"- {k}: {v}" for k, v in settings["provenance"].items()] == head
+
+
+def test_provenance(tmp_path):
+    """The commit of this checkout (or "unknown" outside one), the CPU and its SIMD flags, the command as run."""
+    from d2m_gguf.bench.provenance import command, git_commit, machine, provenance
+
+    prov = provenance(["d2m", "bench", "matrix", "--quick"])
+    assert list(prov) == ["date", "commit", "machine", "command"] and prov["command"] == "d2m bench matrix --quick"
+    if (REPO / ".git").exists() and shutil.which("git"):
+        assert prov["commit"].split(" + ")[0].isalnum() and prov["commit"] != "unknown"
+    assert git_commit(tmp_path) == "unknown"
+    x86 = tmp_path / "cpuinfo-x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+                   "processor\t: 1\nmodel name\t: Some Xeon\n")
+    assert machine(x86).startswith("Some Xeon") and "AVX-512 yes, AVX2 yes, bf16 yes, NEON no" in machine(x86)
+    arm = tmp_path / "cpuinfo-arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0b\n")
+    assert "AVX-512 no, AVX2 no, bf16 no, NEON yes" in machine(arm)
+    assert "SIMD flags unknown" in machine(tmp_path / "missing")
+    assert command(["/x/d2m_gguf/__main__.py", "bench", "lfuc", "a b"]) == "python -m d2m_gguf bench lfuc 'a b'"
+    # a table rewritten (d2m bench adb appends rows) keeps the block it opened with
+    from d2m_gguf.bench.tables import read_provenance_lines, write_table
+
+    write_table([{"a": 1}], tmp_path / "t", "T", provenance=prov)
+    kept = read_provenance_lines(tmp_path / "t.md")
+    assert kept == [f"- {k}: {v}" for k, v in prov.items()]
+    write_table([{"a": 1}, {"a": 2}], tmp_path / "t", "T", provenance=kept + ["- phone rows date: x"])
+    assert read_provenance_lines(tmp_path / "t.md") == kept + ["- phone rows date: x"]
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a", "1", "2"]
+    write_table([{"a": 1}], tmp_path / "bare", "T")
+    assert read_provenance_lines(tmp_path / "bare.md") == []
+
+
+def test_llama_bench_json_is_read_in_one_place():
+    """The host runs and the adb phone runs read llama-bench's JSON alike: leading noise skipped, samples pooled
+    over runs, mixed prompt+generation tests left out."""
+    from d2m_gguf.bench.llamabench import bench_args, parse_llama_bench, speed_rows
+
+    def run(model, samples_tg, samples_pp):
+        return json.dumps([{"model_filename": f"/data/{model}", "n_prompt": 0, "n_gen": 8, "n_depth": 0,
+                            "samples_ts": samples_tg},
+                           {"model_filename": f"/data/{model}", "n_prompt": 16, "n_gen": 0, "n_depth": 0,
+                            "samples_ts": samples_pp},
+                           {"model_filename": f"/data/{model}", "n_prompt": 16, "n_gen": 8, "n_depth": 0,
+                            "samples_ts": [1.0]}])
+    samples = parse_llama_bench("shell noise\n" + run("a.gguf", [10.0, 12.0], [100.0]))
+    parse_llama_bench(run("a.gguf", [14.0], [110.0]), into=samples)
+    [row] = speed_rows(samples)
+    assert (row.model, row.depth, row.decode_ts, row.prompt_ts) == ("a.gguf", 0, 12.0, 105.0)
+    assert row.decode_std == pytest.approx(2.0)
+    with pytest.raises(D2MError):
+        parse_llama_bench("error: no model")
+    assert bench_args(["a.gguf"], 128, 64, 3, 4, depths=None) == \
+        ["-m", "a.gguf", "-p", "128", "-n", "64", "-r", "3", "-t", "4", "-o", "json"]
+    assert bench_args(["a", "b"], 8, 4, 2, 2, depths=(0, 512))[4:10] == ["-p", "8", "-n", "4", "-d", "0,512"]
 
 
 def test_healing_curve_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     """`d2m bench curve`: rows per (budget, method), equal healing tokens per budget, and at budget 0 LF-UC is the
     pruned model (host routing), so their perplexities agree."""
-    from d2m_gguf.bench import CurveRequest, healing_curve
+    from d2m_gguf.bench.lfuc import CurveRequest, healing_curve
     from d2m_gguf.ggufout import OutType
 
     out = healing_curve(CurveRequest(hf_dir=tiny_llama, fuse=1, budgets=(0, 2048), outtype=OutType.F32,
@@ -233,12 +300,14 @@ def test_healing_curve_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     assert int(by["lfuc", 2048]["heal_tokens"]) == int(by["prune", 2048]["heal_tokens"]) >= 2048
     assert float(by["lfuc", 2048]["ppl"]) != float(by["lfuc", 0]["ppl"])
     assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    _assert_provenance((out / "curve.md").read_text())
 
 
 def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     """`d2m bench lfuc`: dense + each method at each size, equal healing tokens, one llama-bench run, and each
     method's paired ratio to the pruning baseline of its size (the baseline itself gets none)."""
-    from d2m_gguf.bench import LfucTableRequest, _heal_key, lfuc_table
+    from d2m_gguf.bench.lfuc import LfucTableRequest, lfuc_table
+    from d2m_gguf.bench.variants import heal_key
     from d2m_gguf.ggufout import OutType
 
     out = lfuc_table(LfucTableRequest(hf_dir=tiny_llama, sizes=(1,), outtype=OutType.F32, heal=HealSettings(tokens=2048),
@@ -254,9 +323,10 @@ def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
     assert rows["prune-1"]["ppl_vs_prune"] == rows["dense"]["ppl_vs_prune"] == ""
     assert float(rows["dense"]["measured_speedup"]) == 1.0 and all(float(r["decode_ts"]) > 0 for r in rows.values())
     assert (out / "lfuc.md").read_text().count("\n| ") == 4
+    _assert_provenance((out / "lfuc.md").read_text(), json.loads((out / "settings.json").read_text()))
 
     # --train-guests rebuilds LF-UC only: the pruning baseline has no guests, so its build is reused
-    key = lambda guests, **kw: _heal_key(HealSettings(**kw), guests=guests)
+    key = lambda guests, **kw: heal_key(HealSettings(**kw), guests=guests)
     for setting in ({"min_expert_share": 0.0}, {"host_first": False}):
         assert key(True, **setting) != key(True) and key(False, **setting) == key(False), setting
     built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.gguf")}
@@ -270,7 +340,7 @@ def test_lfuc_table_on_a_tiny_model(tiny_llama, llama, wikitext, tmp_path):
 @pytest.mark.slow
 def test_arm64_column_under_qemu(tiny_d2m_f16, llama, wikitext, tmp_path):
     """The qemu column on one tiny Q8_0 row (the real matrix does it on SmolLM2 Q4_0/phone rows)."""
-    from d2m_gguf.matrix import MatrixRequest, _arm64_column
+    from d2m_gguf.bench.matrix import MatrixRequest, arm64_column
 
     bin_dir = REPO / "build" / "llama.cpp-arm64" / "bin"
     assert (bin_dir / "llama-perplexity").is_file(), "run `make arm64`"
@@ -281,7 +351,7 @@ def test_arm64_column_under_qemu(tiny_d2m_f16, llama, wikitext, tmp_path):
                         arm64_bin=bin_dir)
     rows = [{"status": "ok", "quant": "Q8_0", "method": "lfuc"}, {"status": "ok", "quant": "F16", "method": "lfuc"}]
     (tmp_path / "logs").mkdir()
-    _arm64_column(req, rows, {0: q, 1: tiny_d2m_f16}, tmp_path / "logs", print)
+    arm64_column(req, rows, {0: q, 1: tiny_d2m_f16}, tmp_path / "logs", print)
     assert rows[0]["arm64_ppl_agree"].startswith("yes"), rows[0]
     assert rows[1]["arm64_ppl_agree"] == "not run"
 
@@ -306,7 +376,7 @@ def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp
     each, and every row's decode speed is the mean of its samples from both."""
     import statistics
 
-    from d2m_gguf.bench import llama_bench
+    from d2m_gguf.bench.llamabench import llama_bench
     from d2m_gguf.dense_export import export_dense
     from d2m_gguf.ggufout import OutType
 
@@ -329,7 +399,7 @@ def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp
 def test_chunk_nlls_and_the_paired_comparison():
     """Per-chunk NLLs come back from llama-perplexity's running estimates, and the paired standard error sees a
     consistent small gain that the two perplexities' own spreads would hide."""
-    from d2m_gguf.bench import versus
+    from d2m_gguf.bench.lfuc import versus
     from d2m_gguf.llamacpp import chunk_nlls
 
     base = [2.0, 3.5, 2.5, 4.0, 3.0, 2.2]
@@ -346,7 +416,7 @@ def test_chunk_nlls_and_the_paired_comparison():
 def test_variant_labels_and_depth_aware_requests():
     """`--methods` entries name variants: a -da suffix plans depth-aware at the timed depth (lfuc and prune only),
     and plain variants keep the request (and so the settings stamp) they always had."""
-    from d2m_gguf.bench import Variant
+    from d2m_gguf.bench.variants import Variant
     from d2m_gguf.planner import PlanRequest
 
     plain = Variant.of("lfuc", 4, depth=0)

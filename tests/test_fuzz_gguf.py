@@ -1,4 +1,4 @@
-"""The patched loader under AddressSanitizer + UBSan, fed mutated dense2moe GGUFs (d2m_gguf.fuzz).
+"""The patched loader under AddressSanitizer + UBSan, fed mutated dense2moe GGUFs (d2m_gguf.bench.fuzz).
 
 Every mutant must be a clean refusal (exit 1 with an error message) or a correct
 load: no sanitizer report, no signal (abort, GGML_ASSERT, segfault), no hang.
@@ -7,7 +7,7 @@ unless asked for:
 
     D2M_SLOW_FUZZ=1 make test                    # everything, the 500 included
     make test PYTEST_ARGS="-m slow_fuzz"         # only the 500
-    .venv/bin/python -m d2m_gguf.fuzz A.gguf B.gguf --cases 500   # by hand, one line per case
+    .venv/bin/python -m d2m_gguf.bench.fuzz A.gguf B.gguf --cases 500   # by hand, one line per case
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from d2m_gguf.fuzz import classify, fuzz, mutate, parse_layout, run_case, summary
+from d2m_gguf.bench.fuzz import classify, fuzz, mutate, parse_layout, run_case, summary
 
 from .conftest import REPO, _require
 from .test_parity import hybrid

@@ -1,4 +1,4 @@
-"""`d2m heal` under torchrun: data-parallel healing on two CPU ranks (gloo), as it runs on GPUs (nccl)."""
+"""`d2m distill` under torchrun: data-parallel healing on two CPU ranks (gloo), as it runs on GPUs (nccl)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def test_heal_under_torchrun_counts_every_rank_and_rank0_writes(tiny_dirs, calib
     proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
                    "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    heal = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "d2m_gguf", "heal", up, healed,
+    heal = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "d2m_gguf", "distill", up, healed,
             "--teacher", hf, "--text", calibration_text, "--ctx", "64", "--batch", "4", "--minutes", "0", "--quiet")
     for tokens, steps in ((4096, 8), (8192, 16)):  # 2 ranks x 4 sequences x 64 tokens a step
         proc = run_cli(*heal, "--tokens", str(tokens))
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.count("healed ") == 1 and f"healed {tokens} tokens" in proc.stdout
+        assert proc.stdout.count("distilled ") == 1 and f"distilled {tokens} tokens" in proc.stdout
         state = torch.load(healed / "checkpoint.pt", weights_only=False)
         assert (state["tokens"], state["step"]) == (tokens, steps)
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
@@ -48,7 +48,7 @@ def _heal_on_a_skewed_clock(rank: int, init_file: str, model_file: str, out_dir:
     clock would stop steps before the other, which then waits in all-reduce)."""
     import torch.distributed as dist
 
-    from d2m_gguf import heal
+    from d2m_gguf import distill as heal
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     t0, rate = time.monotonic(), 50.0 if rank == 0 else 1.0

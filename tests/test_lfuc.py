@@ -13,7 +13,7 @@ from d2m_gguf.analysis import LayerScores, analyze
 from d2m_gguf.checkpoint import Checkpoint
 from d2m_gguf.costmodel import WeightTypes, gguf_cost, load_devices, planned_cost
 from d2m_gguf.data import Tokenizer, perplexity, read_text, token_chunks
-from d2m_gguf.heal import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, distill_e2e
+from d2m_gguf.distill import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, distill_e2e
 from d2m_gguf.plan import block_spans, identity_plan, parse_plan, trained_blocks
 from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
 from d2m_gguf.reader import load_hybrid, validate_gguf
@@ -179,7 +179,7 @@ def test_end_to_end_distillation_lowers_kl_and_resumes(tiny_dirs, calibration_te
 def test_frozen_guests_keep_their_pretrained_weights(tiny_dirs, calibration_text, tmp_path):
     """With freeze_guests both healing stages leave every guest expert bit for bit and train the host's experts,
     the router and the attention; the hooks are gone afterwards."""
-    from d2m_gguf.pipeline import HealSettings, heal
+    from d2m_gguf.heal import HealSettings, heal
 
     hf = tiny_dirs["llama"]
     spec = load_dense_spec(hf)
@@ -209,7 +209,7 @@ def test_host_first_heals_routed_blocks_as_pruning_does(tiny_dirs, calibration_t
     """With host_first, block-local distillation trains a routed block's host (and attention, norms) token for
     token as it trains the pruned model's dense block, the router staying on the host; the router fit runs
     after it, on the healed block, and a block whose guests no token reaches then heals on as a dense block."""
-    from d2m_gguf.pipeline import HealSettings, heal
+    from d2m_gguf.heal import HealSettings, heal
 
     hf = tiny_dirs["llama"]
     spec = load_dense_spec(hf)
@@ -317,7 +317,7 @@ def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, 
 
 def test_convert_heals_afresh_over_an_earlier_run(tiny_dirs, calibration_text, tmp_path):
     """A second convert into the same work dir (here with a smaller budget) heals its own model, not the first
-    run's resumed; convert leaves no end-to-end checkpoint behind (resuming is `d2m heal`'s)."""
+    run's resumed; convert leaves no end-to-end checkpoint behind (resuming is `d2m distill`'s)."""
     hf, out = tiny_dirs["llama"], tmp_path / "m.gguf"
     e2e_tokens = []
     for tokens in (8192, 2048):
@@ -330,7 +330,7 @@ def test_convert_heals_afresh_over_an_earlier_run(tiny_dirs, calibration_text, t
 
 
 def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, llama, tmp_path):
-    """convert --save-hf --no-heal -> d2m heal (resumable) -> convert --from-checkpoint: the staged path."""
+    """convert --save-hf --no-heal -> d2m distill (resumable; its former name `heal` too) -> convert --from-checkpoint: the staged path."""
     from d2m_gguf.hf_export import load_hf_checkpoint
 
     hf = tiny_dirs["llama"]
@@ -340,11 +340,11 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
                    "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
     common = ("--teacher", hf, "--text", calibration_text, "--ctx", "64", "--lr", "1e-3", "--quiet")
-    proc = run_cli("-m", "d2m_gguf", "heal", up, healed, "--tokens", "2048", "--minutes", "0", *common)
+    proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--tokens", "2048", "--minutes", "0", *common)
     assert proc.returncode == 0, proc.stderr
     assert (healed / "checkpoint.pt").is_file() and (healed / "heal.csv").is_file()
     first = torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"]
-    proc = run_cli("-m", "d2m_gguf", "heal", up, healed, "--tokens", "4096", "--minutes", "0", *common)  # resumes, goes on
+    proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--tokens", "4096", "--minutes", "0", *common)  # resumes, goes on
     assert proc.returncode == 0, proc.stderr
     assert first == 2048 and torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"] == 4096
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
@@ -374,7 +374,7 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
 @pytest.mark.slow
 def test_healing_improves_smollm2(smollm2_dir, calibration_text, wikitext, tmp_path):
     """A short healing run makes the LF-UC model better than it was unhealed (which is the pruned model)."""
-    from d2m_gguf.pipeline import HealSettings, heal
+    from d2m_gguf.heal import HealSettings, heal
 
     spec = load_dense_spec(smollm2_dir)
     teacher = upcycle(spec, Checkpoint(smollm2_dir), identity_plan(30))

@@ -83,7 +83,7 @@ def test_pruned_blocks_that_heal_carry_their_norm_gain_folded(tiny_dirs):
 def test_idle_experts_are_dropped_and_the_output_is_kept(tiny_dirs):
     """Experts the router never picks are removed: a block left with one expert (here the guest: the host
     is idle) becomes dense, a block keeping two loses only the idle one, and the logits stay the same."""
-    from d2m_gguf.pipeline import expert_usage
+    from d2m_gguf.heal import expert_usage
     from d2m_gguf.upcycle import drop_idle_experts
 
     fused = {"source_layers": 6, "router_init": "random", "blocks": [

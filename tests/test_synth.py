@@ -9,7 +9,8 @@ import torch
 
 from d2m_gguf.data import Tokenizer, read_text
 from d2m_gguf.errors import D2MError
-from d2m_gguf.pipeline import calibration, spread_subset
+from d2m_gguf.heal import spread_subset
+from d2m_gguf.pipeline import calibration
 from d2m_gguf.synth import prompt_spans, sample_text
 
 from .conftest import run_cli

@@ -22,7 +22,7 @@ contract: a clean refusal (exit status 1 and an error message) or a correct load
 (exit 0 and the expected output); never a sanitizer report, a signal (abort,
 GGML_ASSERT, segfault), a hang or an attempt to allocate without bound.
 
-    python -m d2m_gguf.fuzz BASE.gguf [BASE2.gguf ...] --bin build/llama.cpp-asan/bin --cases 500
+    python -m d2m_gguf.bench.fuzz BASE.gguf [BASE2.gguf ...] --bin build/llama.cpp-asan/bin --cases 500
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m d2m_gguf.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m d2m_gguf.bench.fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("bases", nargs="+", type=Path, help="valid dense2moe GGUFs to mutate")
     ap.add_argument("--bin", type=Path, default=Path(os.environ.get("D2M_LLAMA_ASAN_BIN", "build/llama.cpp-asan/bin")))
     ap.add_argument("--cases", type=int, default=50)

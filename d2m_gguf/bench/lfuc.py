@@ -1,145 +1,31 @@
-"""Benchmarks: build model variants, measure quality and speed with llama.cpp, write tables and plots.
+"""`d2m bench lfuc` and `d2m bench curve`: LF-UC against equally healed baselines, and quality against healing.
 
 Every measured number comes from the patched llama.cpp (llama-perplexity on
 WikiText-2 test, llama-bench for speed); variants of one table are timed together
-(llama_bench: one process in each file order) so their ratios hold. Nothing here
+(llamabench.llama_bench: one process in each file order) so their ratios hold. Nothing here
 asserts: tests check the machinery, the numbers go into the results directory.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .costmodel import gguf_cost, get_device, load_devices
-from .errors import D2MError
-from .ggufout import OutType
-from .llamacpp import LlamaCpp, chunk_nlls, paired_log_ratio
-from .pipeline import ConvertRequest, HealSettings, run
-from .planner import PlanRequest
+from ..costmodel import gguf_cost, get_device, load_devices
+from ..ggufout import OutType
+from ..llamacpp import LlamaCpp, chunk_nlls, paired_log_ratio
+from ..heal import HealSettings
+from ..options import setting
+from .llamabench import llama_bench
+from .provenance import provenance
+from .tables import write_table
+from .variants import Variant, budget_work_dir, build_variant, heal_key, healing_spent, results_setting
 
 log = logging.getLogger("d2m")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One model of a table: the dense source, or a method at a size."""
-
-    method: str          # dense | lfuc | prune | attn-prune | upcycle
-    fuse: int = 0
-    depth_aware: int | None = None   # planned depth-aware at this context depth (lfuc, prune)
-
-    @property
-    def name(self) -> str:
-        return "dense" if self.method == "dense" else f"{self.label}-{self.fuse}"
-
-    @property
-    def label(self) -> str:
-        """The method as `--methods` names it: `lfuc-da` is lfuc planned depth-aware."""
-        return self.method + ("-da" if self.depth_aware is not None else "")
-
-    @classmethod
-    def of(cls, label: str, fuse: int, depth: int) -> "Variant":
-        """The variant a `--methods` entry names; `-da` plans depth-aware at the depth the table times."""
-        if label.endswith("-da"):
-            if label not in ("lfuc-da", "prune-da"):
-                raise D2MError(f"method {label!r}: only lfuc and prune plan depth-aware (lfuc-da, prune-da)")
-            return cls(label.removesuffix("-da"), fuse, depth_aware=depth)
-        return cls(label, fuse)
-
-    def request(self) -> PlanRequest:
-        if self.depth_aware is None:
-            return PlanRequest(method=self.method, fuse=self.fuse)
-        return PlanRequest(method=self.method, fuse=self.fuse, depth_aware=True, depth=self.depth_aware)
-
-
-def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: HealSettings,
-                  scores: Path | None, progress: bool = True) -> Path:
-    """The variant's GGUF (reused when already built with the same settings)."""
-    out = work / f"{v.name}-{outtype.value}.gguf"
-    stamp = out.with_suffix(".settings.json")
-    request = v.request()
-    variant = {k: x for k, x in asdict(v).items() if x is not None}
-    settings = json.dumps({"variant": variant, "plan": repr(request), "outtype": outtype.value,
-                           "heal": _heal_key(heal, guests=v.method == "lfuc")}, sort_keys=True)
-    if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
-        return out
-    t = time.monotonic()
-    if v.method == "dense":
-        from .dense_export import export_dense
-        export_dense(hf_dir, out, outtype, progress=progress)
-    else:
-        run(ConvertRequest(hf_dir=hf_dir, out=out, outtype=outtype, scores=scores, request=request, heal=heal,
-                           work_dir=work / f"{v.name}.d2m", progress=progress))
-    stamp.write_text(settings)
-    log.info("built %s in %.1f min", out.name, (time.monotonic() - t) / 60)
-    return out
-
-
-def _heal_key(heal: HealSettings, guests: bool = True) -> dict:
-    """The healing settings a built variant depends on; `guests=False` (a plan without guest experts, such as
-    pruning) leaves out the guests' settings, so switching `--freeze-guests/--train-guests` or
-    `--min-expert-share` or `--host-first` rebuilds LF-UC only."""
-    key = {"minutes": heal.minutes, "tokens": heal.tokens, "block_local_fraction": heal.block_local_fraction,
-           "ctx": heal.ctx, "max_chunks": heal.max_chunks, "precision": heal.e2e.precision}
-    if guests:
-        key["freeze_guests"] = heal.freeze_guests
-        key["min_expert_share"] = heal.min_expert_share
-        key["host_first"] = heal.host_first
-    return key
-
-
-@dataclass
-class SpeedRow:
-    model: str
-    depth: int
-    decode_ts: float
-    decode_std: float
-    prompt_ts: float | None = None
-
-
-def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (0,), n_gen: int = 64,
-                n_prompt: int = 128, repetitions: int = 3, log_dir: Path | None = None) -> list[SpeedRow]:
-    """Decode (and prompt) tokens/s of every model: one llama-bench process in the given order, then one in
-    the reverse order, half the repetitions each (rounded up); mean and std over the samples of both.
-
-    Why two orders: on a shared machine the speed drifts over a run and the first file can pay a warm-up
-    (measured: an f16 SmolLM2 read 36-43 tok/s decoding first in a process, 49 last), so within one order
-    the file order leaks into the ratios; in both orders it falls on every file alike."""
-    orders = [models, models[::-1]] if len(models) > 1 else [models]
-    per_order = max(1, math.ceil(repetitions / len(orders)))
-    samples: dict[tuple[str, int, str], list[float]] = {}
-    for i, order in enumerate(orders):
-        args = []
-        for m in order:
-            args += ["-m", m]
-        args += ["-p", n_prompt, "-n", n_gen, "-d", ",".join(map(str, depths)), "-r", per_order,
-                 "-t", llama.threads, "-o", "json"]
-        proc = llama.run("llama-bench", args)
-        if log_dir is not None:
-            name = "llama-bench" + ("-reversed" if i else "")
-            (log_dir / f"{name}.json").write_text(proc.stdout)
-            (log_dir / f"{name}.log").write_text(proc.stderr)
-        for r in json.loads(proc.stdout):
-            test = "decode" if r["n_gen"] > 0 and r["n_prompt"] == 0 else \
-                "prompt" if r["n_prompt"] > 0 and r["n_gen"] == 0 else None
-            if test is not None:
-                key = (Path(r["model_filename"]).name, int(r.get("n_depth", 0)), test)
-                samples.setdefault(key, []).extend(float(t) for t in r["samples_ts"])
-    rows: dict[tuple[str, int], SpeedRow] = {}
-    for (model, depth, test), ts in samples.items():
-        row = rows.setdefault((model, depth), SpeedRow(model, depth, 0.0, 0.0))
-        if test == "decode":
-            row.decode_ts, row.decode_std = statistics.fmean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0
-        else:
-            row.prompt_ts = statistics.fmean(ts)
-    return list(rows.values())
 
 
 def wikitext_ppl(llama: LlamaCpp, model: Path, wikitext: Path, ctx: int, chunks: int | None,
@@ -158,26 +44,40 @@ def versus(nlls: list[float], baseline: list[float]) -> dict:
     return {"ratio": round(math.exp(mean), 4), "se": round(se, 4), "wins": mean + 2 * se < 0}
 
 
+def _methods():
+    return setting(("lfuc", "prune"), "Methods to compare (plus dense); a -da suffix (lfuc-da, prune-da) plans "
+                   "depth-aware at the timed depth.")
+
+
+def _outtype():
+    return setting(OutType.Q8_0, "Tensor type the variants are written and measured in.")
+
+
+def _scores():
+    return setting(None, "Reuse scores from `d2m analyze`.")
+
+
 @dataclass
 class LfucTableRequest:
     hf_dir: Path
-    sizes: tuple[int, ...] = (4, 6, 8)
-    methods: tuple[str, ...] = ("lfuc", "prune")
-    outtype: OutType = OutType.Q8_0
+    sizes: tuple[int, ...] = setting((4, 6, 8), "Fused groups / removed layers per variant.")
+    methods: tuple[str, ...] = _methods()
+    outtype: OutType = _outtype()
     heal: HealSettings = field(default_factory=HealSettings)
     wikitext: Path | None = None
-    ctx: int = 512
-    chunks: int | None = None             # None: the whole WikiText-2 test set
-    depth: int = 0
-    results: Path = Path("bench/results")
-    scores: Path | None = None
+    ctx: int = setting(512, "llama-perplexity context.")
+    chunks: int | None = setting(None, "WikiText chunks.", default_text="the whole test set")
+    depth: int = setting(0, "Context depth of the decode timing.")
+    results: Path = results_setting()
+    scores: Path | None = _scores()
     progress: bool = True
 
 
 def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
     """LF-UC against the equally healed baselines at each size, plus the dense model (issue table)."""
-    from .data import DEFAULT_EVAL
+    from ..data import DEFAULT_EVAL
 
+    prov = provenance()
     llama = llama or LlamaCpp.default()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(req.results) / f"lfuc-{stamp}"
@@ -222,11 +122,12 @@ def lfuc_table(req: LfucTableRequest, llama: LlamaCpp | None = None) -> Path:
                 r[f"beats_{prune.label}"] = "yes" if vs["wins"] else "no"
             elif any(p.label == prune.label for p in variants):
                 r[column], r[f"beats_{prune.label}"] = "", ""
-    _write_table(rows, out_dir / "lfuc", title=f"LF-UC vs baselines ({req.outtype.value}, WikiText-2 test ctx {req.ctx}"
-                 f"{'' if req.chunks is None else f', {req.chunks} chunks'}; decode at depth {req.depth})")
-    (out_dir / "settings.json").write_text(json.dumps({"heal": _heal_key(req.heal), "sizes": req.sizes,
-                                                       "outtype": req.outtype.value, "ctx": req.ctx,
-                                                       "chunks": req.chunks}, indent=1))
+    write_table(rows, out_dir / "lfuc", title=f"LF-UC vs baselines ({req.outtype.value}, WikiText-2 test ctx {req.ctx}"
+                f"{'' if req.chunks is None else f', {req.chunks} chunks'}; decode at depth {req.depth})",
+                provenance=prov)
+    (out_dir / "settings.json").write_text(json.dumps({"provenance": prov, "heal": heal_key(req.heal),
+                                                       "sizes": req.sizes, "outtype": req.outtype.value,
+                                                       "ctx": req.ctx, "chunks": req.chunks}, indent=1))
     return out_dir
 
 
@@ -235,23 +136,25 @@ class CurveRequest:
     """Quality against the healing budget: the honest curve where a target is out of reach of the default."""
 
     hf_dir: Path
-    fuse: int = 8
-    methods: tuple[str, ...] = ("lfuc", "prune")
-    budgets: tuple[int, ...] = (0, 160_000, 640_000, 1_280_000)   # healing tokens (the default is 640k)
-    outtype: OutType = OutType.Q8_0
+    fuse: int = setting(8, "Fused groups / removed layers.")
+    methods: tuple[str, ...] = _methods()
+    budgets: tuple[int, ...] = setting((0, 160_000, 640_000, 1_280_000), "Healing-token budgets (each split as "
+                                       "--block-local-fraction's default says).")
+    outtype: OutType = _outtype()
     wikitext: Path | None = None
     ctx: int = 512
-    chunks: int | None = 40
-    results: Path = Path("bench/results")
-    scores: Path | None = None
+    chunks: int | None = setting(40, "WikiText chunks of 512 tokens.")
+    results: Path = results_setting()
+    scores: Path | None = _scores()
     progress: bool = True
 
 
 def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
     """WikiText-2 ppl (llama-perplexity) of each method at each healing-token budget, plus the dense model:
     curve.csv, curve.md, curve.png. A budget's variants are built under work/heal-<tokens>/ and reused."""
-    from .data import DEFAULT_EVAL
+    from ..data import DEFAULT_EVAL
 
+    prov = provenance()
     llama = llama or LlamaCpp.default()
     out_dir = Path(req.results) / f"curve-{time.strftime('%Y%m%d-%H%M%S')}"
     work = Path(req.results) / "work"
@@ -276,8 +179,9 @@ def healing_curve(req: CurveRequest, llama: LlamaCpp | None = None) -> Path:
                          "heal_tokens": spent["tokens"], "heal_minutes": spent["minutes"], "ppl": round(ppl, 3),
                          "ppl_vs_dense": round(ppl / dense_ppl, 3)})
             log.info("%s at %d healing tokens: ppl %.2f (dense %.2f)", v.name, tokens, ppl, dense_ppl)
-    _write_table(rows, out_dir / "curve", title=f"Healing curve: fuse {req.fuse}, {req.outtype.value}, WikiText-2 test "
-                 f"ctx {req.ctx}{'' if req.chunks is None else f', {req.chunks} chunks'}; dense ppl {dense_ppl:.3f}")
+    write_table(rows, out_dir / "curve", title=f"Healing curve: fuse {req.fuse}, {req.outtype.value}, WikiText-2 test "
+                f"ctx {req.ctx}{'' if req.chunks is None else f', {req.chunks} chunks'}; dense ppl {dense_ppl:.3f}",
+                provenance=prov)
     plot_curve(rows, dense_ppl, out_dir / "curve.png")
     return out_dir
 
@@ -303,32 +207,4 @@ def plot_curve(rows: list[dict], dense_ppl: float, path: Path) -> None:
     plt.close(fig)
 
 
-def budget_work_dir(results: Path, heal: HealSettings) -> Path:
-    """Where variants healed with `heal` are built: one folder per token budget, shared by `bench lfuc` and
-    `bench curve` (a variant is rebuilt only when its settings stamp differs)."""
-    return Path(results) / "work" / f"heal-{heal.tokens or 0}"
-
-
-def healing_spent(work_dir: Path) -> dict:
-    """Tokens and minutes a variant's healing took (its heal.json; zero when it was not healed)."""
-    try:
-        stages = json.loads((work_dir / "heal.json").read_text())["stages"]
-    except (OSError, ValueError, KeyError):
-        return {"tokens": 0, "minutes": 0.0}
-    return {"tokens": sum(s["tokens"] for s in stages),
-            "minutes": round(sum(s.get("seconds", 0.0) for s in stages) / 60, 1)}
-
-
-def _write_table(rows: list[dict], stem: Path, title: str) -> None:
-    keys = list(rows[0])
-    with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-__all__ = ["Variant", "build_variant", "llama_bench", "lfuc_table", "LfucTableRequest", "healing_curve", "CurveRequest",
-           "D2MError"]
+__all__ = ["LfucTableRequest", "lfuc_table", "CurveRequest", "healing_curve", "plot_curve", "wikitext_ppl", "versus"]

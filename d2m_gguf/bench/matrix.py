@@ -8,7 +8,7 @@ quant/. Every number is measured by the patched llama.cpp or read off the writte
   the f16 dense model's saved logits (`--kl-divergence-base` once, then `--kl-divergence` per row): perplexity,
   mean KLD and top-1 agreement ("Same top p");
 - speed: `llama-bench` over every row at depth 0 (prompt and decode, with the repetitions' spread) and over
-  every row at the deep context (decode only), each in both file orders (bench.llama_bench), so ratios within
+  every row at the deep context (decode only), each in both file orders (llamabench.llama_bench), so ratios within
   a column hold;
 - cost model: active bytes per token and predicted tok/s on each device profile (d2m_gguf/data/devices.json);
 - arm64: for the rows picked (Q4_0 / phone recipe rows; emulation is slow) the static arm64 build's perplexity
@@ -31,13 +31,17 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import Variant, _heal_key, _write_table, build_variant, llama_bench
-from .costmodel import gguf_cost, load_devices
-from .errors import D2MError
-from .ggufout import OutType
-from .llamacpp import QEMU, REPO, LlamaCpp
-from .pipeline import ConvertRequest, HealSettings, run
-from .quantize import quantize_file, recipe_names
+from ..costmodel import gguf_cost, load_devices
+from ..errors import D2MError
+from ..ggufout import OutType
+from ..llamacpp import QEMU, REPO, LlamaCpp
+from ..heal import HealSettings
+from ..options import setting
+from ..quantize import quantize_file, recipe_names
+from .llamabench import bench_args, llama_bench, parse_llama_bench, speed_rows
+from .provenance import provenance
+from .tables import read_provenance_lines, write_table
+from .variants import Variant, build_plan_variant, build_variant, cached_build, heal_key, results_setting
 
 log = logging.getLogger("d2m")
 
@@ -46,6 +50,7 @@ RECIPES = ("host", "phone-i8mm", "phone-dotprod", "rpi5")
 KNOWN_QUANTS = set(PLAIN_QUANTS) | {"F32", "BF16", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
                                     "Q4_K_S", "Q5_K_S", "IQ4_XS", "Q4_K", "Q5_K", "Q3_K"}
 PHONES = ("phone-i8mm", "phone-i8mm-g2", "phone-dotprod", "rpi5")
+MATRIX_HEAL_TOKENS = 320_000   # half the job's default: each variant heals in a few minutes
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,13 @@ def arm64_check(host: LlamaCpp, arm64: LlamaCpp, model: Path, text: Path, logs: 
 class MatrixRequest:
     hf_dir: Path
     variants: tuple[MatrixVariant, ...]
-    quants: tuple[str, ...] = PLAIN_QUANTS + RECIPES
+    quants: tuple[str, ...] = setting(PLAIN_QUANTS + RECIPES, "Quant types and device recipes (quant/).",
+                                      default_text="all; QUICK F16,Q4_0,phone-i8mm")
     wikitext: Path | None = None
     calibration: Path | None = None
     ctx: int = 512
-    chunks: int = 8                       # WikiText-2 test chunks of `ctx` tokens per row
-    heal: HealSettings = field(default_factory=lambda: HealSettings(tokens=320_000))  # half the default, 2-4 min
+    chunks: int = setting(8, "WikiText-2 test chunks of 512 tokens per row.", default_text="8; QUICK 3")
+    heal: HealSettings = field(default_factory=lambda: HealSettings(tokens=MATRIX_HEAL_TOKENS))
     deep_depth: int = 2048                # the second decode timing's context depth
     n_prompt: int = 128
     n_gen: int = 64
@@ -125,7 +131,7 @@ class MatrixRequest:
     qemu_ctx: int = ARM64_CHECK_CTX
     qemu_chunks: int = ARM64_CHECK_CHUNKS
     arm64_bin: Path | None = None
-    results: Path = Path("bench/results")
+    results: Path = results_setting()
     llama: LlamaCpp | None = None
     progress: bool = False
     title: str = "d2m quantization matrix"
@@ -188,18 +194,10 @@ def kld_row(llama: LlamaCpp, model: Path, base: Path, ctx: int, chunks: int, log
 # ---- building the files -------------------------------------------------------------------------------
 
 def build_f16(v: MatrixVariant, req: MatrixRequest, work: Path) -> Path:
+    """The row group's f16 GGUF, from the build cache shared with `bench lfuc` / `bench curve`."""
     if v.plan is None:
         return build_variant(Variant(v.method, v.fuse), req.hf_dir, work, OutType.F16, req.heal, None, req.progress)
-    out = work / f"{v.name}-f16.gguf"
-    stamp = out.with_suffix(".settings.json")
-    plan_text = Path(v.plan).read_text(encoding="utf-8")
-    settings = json.dumps({"plan": plan_text, "outtype": "f16", "heal": _heal_key(req.heal)}, sort_keys=True)
-    if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
-        return out
-    run(ConvertRequest(hf_dir=req.hf_dir, out=out, outtype=OutType.F16, plan=Path(v.plan), heal=req.heal,
-                       work_dir=work / f"{v.name}.d2m", progress=req.progress))
-    stamp.write_text(settings)
-    return out
+    return build_plan_variant(v.name, Path(v.plan), req.hf_dir, work, OutType.F16, req.heal, req.progress)
 
 
 def build_quant(f16: Path, quant: str, req: MatrixRequest, work: Path, imatrix: dict) -> Path:
@@ -211,22 +209,21 @@ def build_quant(f16: Path, quant: str, req: MatrixRequest, work: Path, imatrix: 
         raise D2MError(f"unknown quantization type {quant!r} (types: {', '.join(sorted(KNOWN_QUANTS))}; "
                        f"recipes: {', '.join(recipe_names())})")
     out = work / f"{f16.stem.removesuffix('-f16')}-{quant.lower() if not is_recipe else quant}.gguf"
-    stamp = out.with_suffix(".settings.json")
     st = f16.stat()
     recipe_text = (REPO / "quant" / f"{quant}.json").read_text() if is_recipe else ""
     settings = json.dumps({"src": f16.name, "src_size": st.st_size, "src_mtime": st.st_mtime, "quant": quant,
                            "recipe": recipe_text, "imatrix_chunks": req.imatrix_chunks}, sort_keys=True)
-    if out.is_file() and stamp.is_file() and stamp.read_text() == settings:
-        return out
-    qwork = work / f"{f16.stem}.quant"
-    rep = quantize_file(f16, out, quant, llama=req.llama, text=req.calibration, chunks=req.imatrix_chunks,
-                        imatrix=imatrix.get(f16), work_dir=qwork)
-    if rep.imatrix is not None:
-        imatrix[f16] = rep.imatrix
-        if rep.coverage:
-            (qwork / "expert-tokens.txt").write_text("\n".join(c.line() for c in rep.coverage) + "\n")
-    stamp.write_text(settings)
-    return out
+
+    def build() -> None:
+        qwork = work / f"{f16.stem}.quant"
+        rep = quantize_file(f16, out, quant, llama=req.llama, text=req.calibration, chunks=req.imatrix_chunks,
+                            imatrix=imatrix.get(f16), work_dir=qwork)
+        if rep.imatrix is not None:
+            imatrix[f16] = rep.imatrix
+            if rep.coverage:
+                (qwork / "expert-tokens.txt").write_text("\n".join(c.line() for c in rep.coverage) + "\n")
+
+    return cached_build(out, settings, build)
 
 
 # ---- the matrix -------------------------------------------------------------------------------------------
@@ -238,8 +235,9 @@ def _fmt_err(e: BaseException) -> str:
 
 def run_matrix(req: MatrixRequest) -> Path:
     """Build, quantize and measure every row; write matrix.csv, matrix.md, pareto.png and the tool logs."""
-    from .data import DEFAULT_CALIBRATION, DEFAULT_EVAL
+    from ..data import DEFAULT_CALIBRATION, DEFAULT_EVAL
 
+    prov = provenance()
     t0 = time.monotonic()
     llama = req.llama = req.llama or LlamaCpp.default()
     req.wikitext = Path(req.wikitext or DEFAULT_EVAL)
@@ -326,7 +324,7 @@ def run_matrix(req: MatrixRequest) -> Path:
     depths = [(0, req.n_prompt, req.repetitions), (req.deep_depth, 0, req.deep_repetitions)]
     for depth, n_prompt, reps in depths:
         say(f"llama-bench: {len(ok)} models at depth {depth} ({reps} repetitions)")
-        speed = _bench_all(llama, ok, rows, depth, n_prompt, req.n_gen, reps, logs / f"llama-bench-d{depth}")
+        speed = bench_all(llama, ok, rows, depth, n_prompt, req.n_gen, reps, logs / f"llama-bench-d{depth}")
         for k, f in ok.items():
             s = speed.get(f.name)
             if s is None:
@@ -343,7 +341,7 @@ def run_matrix(req: MatrixRequest) -> Path:
         r["decode_vs_dense"] = round(s / d, 3) if d and s else ""
 
     # 5. arm64 under qemu on a short slice, for the rows where it is affordable
-    _arm64_column(req, rows, files, logs, say)
+    arm64_column(req, rows, files, logs, say)
 
     # 6. tables and plot
     keys = ["variant", "method", "quant", "status", "file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct",
@@ -354,11 +352,12 @@ def run_matrix(req: MatrixRequest) -> Path:
     title = (f"{req.title}: WikiText-2 test ctx {req.ctx} x {req.chunks} chunks, KLD vs f16 dense; "
              f"llama-bench {llama.threads} threads, decode {req.n_gen} tokens at depth 0 and {req.deep_depth} "
              f"(mean, std over {req.repetitions}/{req.deep_repetitions} repetitions)")
-    _write_table(table, out_dir / "matrix", title=title)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in req.__dict__.items()
-                if k not in ("llama", "variants", "heal")}
+    write_table(table, out_dir / "matrix", title=title, provenance=prov)
+    settings = {"provenance": prov}
+    settings.update((k, str(v) if isinstance(v, Path) else v) for k, v in req.__dict__.items()
+                    if k not in ("llama", "variants", "heal"))
     settings["variants"] = [v.name for v in req.variants]
-    settings["heal"] = _heal_key(req.heal)
+    settings["heal"] = heal_key(req.heal)
     settings["wall_s"] = round(time.monotonic() - t0, 1)
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n")
     plot_pareto(table, out_dir / "pareto.png")
@@ -371,7 +370,7 @@ def _slug(p: Path) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", Path(p).stem)[:40]
 
 
-def _bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depth: int, n_prompt: int, n_gen: int,
+def bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depth: int, n_prompt: int, n_gen: int,
                reps: int, log_dir: Path) -> dict:
     """llama-bench for all files in one process; if that process fails, each file alone (failures recorded)."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +399,9 @@ def _bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depth: in
     return out
 
 
-def _arm64_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], logs: Path, say) -> None:
+def arm64_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], logs: Path, say) -> None:
+    """The `arm64_ppl_agree` column: `arm64_check` under qemu for the rows picked (one per method first, then
+    the rest, up to `qemu_max_rows` of the `qemu_quants` types); "not run" (and why) for the others."""
     for r in rows:
         r["arm64_ppl_agree"] = "not run"
     cand = [k for k, r in enumerate(rows) if r["status"] == "ok" and r["quant"] in req.qemu_quants and k in files]
@@ -552,8 +553,8 @@ def adb_bench(results: Path = Path("bench/results"), matrix_dir: Path | None = N
     for r in picked:
         f = Path(r["file"])
         _adb(["push", str(f), f"{remote}/{f.name}"], serial=serial, timeout=1800)
-        p = _adb(["shell", f"cd {remote} && ./llama-bench -m {f.name} -p 128 -n 64 -r {repetitions} "
-                           f"-t {threads} -o json"], serial=serial, timeout=3600)
+        args = bench_args([f.name], n_prompt=128, n_gen=64, repetitions=repetitions, threads=threads, depths=None)
+        p = _adb(["shell", f"cd {remote} && ./llama-bench {' '.join(args)}"], serial=serial, timeout=3600)
         _adb(["shell", "rm", "-f", f"{remote}/{f.name}"], serial=serial)
         row = {k: "" for k in rows[0]}
         row.update(variant=r["variant"], method=r["method"], quant=r["quant"], file_mb=r.get("file_mb", ""),
@@ -563,12 +564,12 @@ def adb_bench(results: Path = Path("bench/results"), matrix_dir: Path | None = N
         try:
             if p.returncode != 0:
                 raise D2MError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}")
-            data = json.loads(p.stdout[p.stdout.index("["):])
-            for t in data:
-                if t["n_gen"] > 0 and t["n_prompt"] == 0:
-                    row["decode_ts_d0"], row["decode_std_d0"] = round(t["avg_ts"], 2), round(t["stddev_ts"], 2)
-                elif t["n_prompt"] > 0 and t["n_gen"] == 0:
-                    row["prompt_ts"] = round(t["avg_ts"], 2)
+            samples = parse_llama_bench(p.stdout)
+            for s in speed_rows(samples):
+                if (s.model, s.depth, "decode") in samples:
+                    row["decode_ts_d0"], row["decode_std_d0"] = round(s.decode_ts, 2), round(s.decode_std, 2)
+                if s.prompt_ts is not None:
+                    row["prompt_ts"] = round(s.prompt_ts, 2)
             row["status"] = "ok"
             echo(f"  {r['variant']} {r['quant']}: decode {row.get('decode_ts_d0')} tok/s on {model}")
         except Exception as e:  # noqa: BLE001
@@ -579,10 +580,15 @@ def adb_bench(results: Path = Path("bench/results"), matrix_dir: Path | None = N
         (matrix_dir / "logs" / f"adb-{f.stem}.json").write_text(p.stdout + "\n" + p.stderr)
     keys = list(rows[0]) + (["device"] if "device" not in rows[0] else [])
     all_rows = [{k: r.get(k, "") for k in keys} for r in rows + new]
-    _write_table(all_rows, matrix_dir / "matrix", title=f"d2m quantization matrix + phone rows ({model})")
+    # the matrix keeps the provenance of the run that measured it, and gains this command's
+    prior = read_provenance_lines(matrix_dir / "matrix.md")
+    added = [f"- phone rows {key}: {value}" for key, value in provenance().items()]
+    write_table(all_rows, matrix_dir / "matrix", title=f"d2m quantization matrix + phone rows ({model})",
+                provenance=prior + added)
     echo(f"appended {len(new)} phone rows to {matrix_dir}/matrix.csv")
     return len(new)
 
 
 __all__ = ["MatrixRequest", "MatrixVariant", "run_matrix", "quick_request", "full_request", "plot_pareto",
-           "pareto_front", "adb_bench", "kld_row", "kld_base"]
+           "pareto_front", "adb_bench", "kld_row", "kld_base", "build_f16", "build_quant", "bench_all",
+           "Arm64Check", "arm64_check", "arm64_check_text", "arm64_column", "ARM64_CHECK_TOLERANCE"]

@@ -1,0 +1,13 @@
+"""Benchmark and fuzz tooling, apart from the library: it drives the pipeline and llama.cpp, the library never
+imports it.
+
+    variants.py    Variant, the models a table compares, and the one build cache (cached_build, heal_key)
+    llamabench.py  the one llama-bench runner and parser (llama_bench, parse_llama_bench)
+    tables.py      write_table: rows as name.csv and name.md
+    provenance.py  provenance(): date, commit, machine and command, at the top of every table
+    lfuc.py        `d2m bench lfuc` (lfuc_table) and `d2m bench curve` (healing_curve)
+    matrix.py      `d2m bench matrix` / `make bench` (run_matrix, pareto, the arm64 column) and `d2m bench adb`
+    fuzz.py        the loader fuzzer: python -m d2m_gguf.bench.fuzz A.gguf --cases N
+
+Nothing is imported here, so `python -m d2m_gguf.bench.fuzz` loads no more than the fuzzer needs.
+"""

@@ -1,0 +1,43 @@
+"""Writing a results table: the same rows as name.csv (for tools) and name.md (for people).
+
+The markdown opens with the provenance block of the run (`provenance.provenance()`); the csv stays plain rows
+(one header line), so it reads back with csv.DictReader as before.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def provenance_lines(prov: dict[str, str]) -> list[str]:
+    """The provenance as a short markdown list (no line starts with "|", so it never reads as a table row)."""
+    return [f"- {key}: {value}" for key, value in prov.items()]
+
+
+def write_table(rows: list[dict], stem: Path, title: str, provenance: dict[str, str] | list[str] | None = None) -> None:
+    """stem.csv and stem.md of `rows` (the first row's keys are the columns); `provenance` opens the md: a
+    `provenance()` dict, or lines already formatted (a table rewritten keeps the block it had)."""
+    keys = list(rows[0])
+    with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    head = provenance_lines(provenance) if isinstance(provenance, dict) else list(provenance or [])
+    lines = (head + [""] if head else [])
+    lines += [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_provenance_lines(md: Path) -> list[str]:
+    """The provenance block a table's md opens with (the lines before its title); none when it has none."""
+    try:
+        text = md.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    head = text.split("\n### ", 1)[0] if not text.startswith("### ") else ""
+    return [line for line in head.splitlines() if line.startswith("- ")]
+
+
+__all__ = ["write_table", "provenance_lines", "read_provenance_lines"]

@@ -1,0 +1,282 @@
+"""The healing stage: what an upcycled model trains, in which order, within one budget.
+
+Healing is a schedule of steps over the training of distill.py. Host first (the default) heals every block with
+its tokens on the host, as the pruned model's block would be healed, then lets the router fit admit a guest
+only where that lowers the healed block's held-out error; route first fits the routers on the unhealed blocks
+and trains them while the blocks heal. Each schedule lists its steps once (`HOST_FIRST`, `ROUTE_FIRST`); `heal` runs them.
+Artefacts: heal.csv + heal.png (loss curves) in the work directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .distill import (BlockLocalConfig, Budget, E2EConfig, RouterFitConfig, StageLog, TeacherCache,
+                      block_local_distill, distill_e2e, fit_routers, frozen_guests, frozen_routers)
+from .model import HybridModel
+from .options import setting
+from .plan import FusionPlan, block_spans, trained_blocks
+from .spec import DenseSpec
+from .upcycle import drop_idle_experts
+
+log = logging.getLogger("d2m")
+
+
+@dataclass
+class HealSettings:
+    """The healing budget and its split. A token budget drives the learning-rate schedule, so the result does not
+    depend on the machine's speed; `minutes` is only a stop. A block-local token costs a fraction of an
+    end-to-end one (only the fused blocks run, on cached teacher states), so most of the budget goes there."""
+
+    tokens: int | None = setting(640_000, "Healing budget in tokens; it drives the schedule, so the result is "
+                                 "reproducible.", flag="--heal-tokens")
+    minutes: float | None = setting(None, "A time limit on healing (whichever ends first; alone, with 0 tokens: "
+                                    "a time budget).", flag="--heal-minutes")
+    block_local_fraction: float = setting(0.9375, "Share of the budget for block-local distillation; the rest is "
+                                          "end-to-end.")
+    ctx: int = setting(256, "Tokens per calibration sequence.")
+    max_chunks: int | None = None       # calibration sequences used (None: the whole text)
+    block_local_sequences: int = 512    # teacher activations cached for block-local distillation (ctx each)
+    block_local: BlockLocalConfig = field(default_factory=BlockLocalConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
+    seed: int = 0                       # router fit (its held-out split and draws)
+    freeze_guests: bool = setting(True, "lfuc: keep the guest experts (removed layers' MLPs) at their pretrained "
+                                  "weights while the host, attention, norms and routers heal.",
+                                  flag="--freeze-guests/--train-guests")
+    min_expert_share: float = setting(0.001, "After healing, drop the experts a top-1 router picks for fewer than "
+                                      "this share of the calibration tokens (the most used one stays); a routed "
+                                      "block left with one expert is written dense (0 keeps every expert).",
+                                      bounds=(0.0, 1.0))
+    host_first: bool = setting(True, "lfuc: heal every routed block with all tokens on its host (the pruned "
+                               "model's healing), then admit a guest only where the router fit lowers the healed "
+                               "block's held-out error; --route-first fits the routers first and trains them "
+                               "while the blocks heal.", flag="--host-first/--route-first")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.minutes or 0) > 0 or (self.tokens or 0) > 0
+
+    def stage_budget(self, fraction: float) -> Budget:
+        return Budget(tokens=int(self.tokens * fraction) if self.tokens else None,
+                      minutes=self.minutes * fraction if self.minutes else None)
+
+    def cached_sequences(self) -> int:
+        """Teacher sequences to cache for block-local distillation: `block_local_sequences`, or fewer when the
+        block-local token budget would not read them all (the cache costs a teacher forward per sequence)."""
+        n = self.block_local_sequences
+        if self.tokens:
+            n = min(n, max(8, math.ceil(self.tokens * self.block_local_fraction / self.ctx)))
+        return n
+
+    def with_precision(self, precision: str) -> "HealSettings":
+        """These settings with both training stages at `precision` (bf16 or fp32)."""
+        return replace(self, block_local=replace(self.block_local, precision=precision),
+                       e2e=replace(self.e2e, precision=precision))
+
+    def seeded(self, seed: int) -> "HealSettings":
+        """These settings with every stage drawing from `seed`."""
+        return replace(self, seed=seed, block_local=replace(self.block_local, seed=seed),
+                       e2e=replace(self.e2e, seed=seed))
+
+    def disabled(self) -> "HealSettings":
+        return replace(self, tokens=0, minutes=None)
+
+
+# -- schedules ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps of healing in order, and how block-local distillation treats the routers.
+
+    Steps: `router-fit` (where the plan's routers are `fit`), `block-local` distillation (both on teacher
+    activations cached once for the two), `drop-unrouted` (the experts the fitted routers leave idle, before
+    end-to-end healing: a block whose guests the fit did not admit then heals as the pruned model's block),
+    `end-to-end` distillation, `drop-idle` (the same rule on the healed model, before it is written)."""
+
+    name: str
+    steps: tuple[str, ...]
+    routers_frozen: bool               # block-local: every token on the host, no router or balance term
+
+
+HOST_FIRST = Schedule("host-first", ("block-local", "router-fit", "drop-unrouted", "end-to-end", "drop-idle"),
+                      routers_frozen=True)
+ROUTE_FIRST = Schedule("route-first", ("router-fit", "block-local", "end-to-end", "drop-idle"), routers_frozen=False)
+CACHED_STEPS = ("router-fit", "block-local")
+
+
+def schedule_for(settings: HealSettings, plan: FusionPlan) -> Schedule:
+    """Host first needs routers that start on the host (`host`, or `fit`, which starts there)."""
+    return HOST_FIRST if settings.host_first and plan.router_init in ("host", "fit") else ROUTE_FIRST
+
+
+def block_local_config(settings: HealSettings, plan: FusionPlan) -> BlockLocalConfig:
+    """What block-local distillation runs with. Host first: every token on its host (routers frozen at the host
+    initialisation), the pruned model's healing step for step, so no router or balance term."""
+    if schedule_for(settings, plan).routers_frozen:
+        return replace(settings.block_local, router_weight=0.0, balance_weight=0.0)
+    return settings.block_local
+
+
+@dataclass
+class Healed:
+    """What healing leaves: the model and its plan without its idle experts (a routed block left with one expert
+    is dense), the steps' logs, and the expert usage each drop went by."""
+
+    model: HybridModel
+    plan: FusionPlan
+    logs: list[StageLog] = field(default_factory=list)
+    usage_after_router_fit: dict[int, list[float]] = field(default_factory=dict)   # drop-unrouted's
+    usage: dict[int, list[float]] = field(default_factory=dict)                    # drop-idle's
+
+
+def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
+         settings: HealSettings, work_dir: Path, progress: bool = True) -> Healed:
+    """Run the steps of `schedule_for(settings, plan)` within the budget (block-local steps only where the plan
+    has trained blocks and the budget a block-local share, end-to-end only where it has an end-to-end share).
+
+    Always from the upcycled model, and without an end-to-end checkpoint: one left in `work_dir` by an
+    earlier run (another plan or budget, same shapes) would be resumed over this run's block-local result.
+    Resuming is `d2m distill`'s job."""
+    schedule = schedule_for(settings, plan)
+    healed = Healed(model, plan)
+    torch.manual_seed(settings.block_local.seed)
+    blocks = trained_blocks(plan)
+    local = bool(blocks) and settings.block_local_fraction > 0
+    if local:
+        with frozen_guests(model, plan, settings.freeze_guests):
+            healed.logs += _cached_steps(model, teacher, plan, chunks, settings, schedule, blocks, work_dir, progress)
+    for step in schedule.steps:
+        if step == "drop-unrouted" and local:
+            healed.model, healed.plan, healed.usage_after_router_fit = drop_idle(
+                healed.model, healed.plan, spec, chunks, settings.min_expert_share)
+            if "idle_experts_dropped" in healed.plan.notes:
+                log.info("before end-to-end healing, unrouted experts dropped (block: source layers): %s",
+                         healed.plan.notes["idle_experts_dropped"])
+        elif step == "end-to-end" and settings.block_local_fraction < 1:
+            with frozen_guests(healed.model, healed.plan, settings.freeze_guests):
+                healed.logs.append(distill_e2e(healed.model, teacher, chunks,
+                                               settings.stage_budget(1 - settings.block_local_fraction),
+                                               settings.e2e, checkpoint=None, progress=progress))
+        elif step == "drop-idle":
+            before = healed.plan
+            healed.model, healed.plan, healed.usage = drop_idle(healed.model, healed.plan, spec, chunks,
+                                                                settings.min_expert_share)
+            if healed.plan is not before:
+                log.info("experts picked for under %.2g of the calibration tokens dropped (block: source layers): "
+                         "%s", settings.min_expert_share, healed.plan.notes["idle_experts_dropped"])
+    write_heal_logs(healed.logs, work_dir)
+    return healed
+
+
+def _cached_steps(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
+                  settings: HealSettings, schedule: Schedule, blocks: list[int], work_dir: Path,
+                  progress: bool) -> list[StageLog]:
+    """The schedule's steps on cached teacher activations (router fit, block-local distillation), in its order."""
+    spans = block_spans(plan)
+    boundaries = {spans[j][0] for j in blocks} | {spans[j][1] for j in blocks}
+    t = time.monotonic()
+    cached = spread_subset(chunks, settings.cached_sequences())
+    cache = TeacherCache(teacher, cached, boundaries, cache_dir=work_dir, progress=progress)
+    log.info("teacher activations: %d sequences x %d tokens at %d boundaries (%.0f s)",
+             cached.shape[0], cached.shape[1], len(boundaries), time.monotonic() - t)
+    logs: list[StageLog] = []
+    try:
+        for step in (s for s in schedule.steps if s in CACHED_STEPS):
+            if step == "router-fit" and plan.router_init == "fit":
+                logs.append(_fit_routers(model, plan, cache, settings.seed))
+            elif step == "block-local":
+                with frozen_routers(model, schedule.routers_frozen):
+                    logs.append(block_local_distill(model, plan, cache,
+                                                    settings.stage_budget(settings.block_local_fraction),
+                                                    block_local_config(settings, plan), progress=progress))
+    finally:
+        cache.close()
+    return logs
+
+
+def _fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache, seed: int) -> StageLog:
+    fits = fit_routers(model, plan, cache, RouterFitConfig(seed=seed))
+    for j, r in fits.items():
+        oracle = (f"; a perfect router: {r['held_out_rel_err_oracle']:.4f}, {r['oracle_guest_share']:.1%} to guests"
+                  if "held_out_rel_err_oracle" in r else "")
+        log.info("router of block %d: held-out error %.4f -> %.4f (%s%s)", j, r["held_out_rel_err_before"],
+                 r["held_out_rel_err_after"], "fitted" if r["kept"] else "kept host routing", oracle)
+    return StageLog("router-fit", rows=[{"block": j, **r} for j, r in fits.items()])
+
+
+def spread_subset(chunks: torch.Tensor, n: int) -> torch.Tensor:
+    """All of `chunks` when there are at most `n`, else `n` of them evenly spaced over the whole text: block-local
+    distillation caches that many, and the head of a large healing text (`--text`, `d2m synth`) is not a sample
+    of it."""
+    if len(chunks) <= n:
+        return chunks
+    return chunks[torch.linspace(0, len(chunks) - 1, n).round().long()]
+
+
+# -- idle experts ------------------------------------------------------------------------------------------
+
+def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4) -> dict[int, list[float]]:
+    """Share of routed slots per expert, per MoE block, on `chunks`."""
+    from .model import MoEFFN
+
+    counts: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, len(chunks), batch):
+            model(chunks[i:i + batch])
+            for j, block in enumerate(model.blocks):
+                if isinstance(block.ffn, MoEFFN):
+                    sel = block.ffn.last_selection
+                    n = block.ffn.ffn_gate_exps.shape[0]
+                    counts[j] = counts.get(j, torch.zeros(n)) + torch.bincount(sel.flatten(), minlength=n)
+    return {j: (c / c.sum()).tolist() for j, c in counts.items()}
+
+
+def drop_idle(model: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
+              min_share: float) -> tuple[HybridModel, FusionPlan, dict[int, list[float]]]:
+    """The expert usage on (up to) 16 calibration sequences, and the model and plan without the experts used
+    less than `min_share` (upcycle.drop_idle_experts)."""
+    usage = expert_usage(model, chunks[:16])
+    model, plan = drop_idle_experts(model, plan, spec, usage, min_share)
+    return model, plan, usage
+
+
+# -- logs --------------------------------------------------------------------------------------------------
+
+def write_heal_logs(logs: list[StageLog], work_dir: Path) -> None:
+    """heal.csv (every logged step of every stage) and heal.png (loss against tokens)."""
+    rows = [{"stage": s.stage, **r} for s in logs for r in s.rows]
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(work_dir / "heal.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [s for s in logs if s.rows and "tokens" in s.rows[0]]   # training stages (not the router fit)
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, stage in zip(axes[0], curves):
+        x = [r["tokens"] for r in stage.rows]
+        for key in [k for k in stage.rows[0] if k.startswith("rel_mse_") or k in ("kd", "lm")]:
+            ax.plot(x, [r[key] for r in stage.rows], label=key)
+        ax.set_title(f"{stage.stage} ({stage.tokens} tokens, {stage.seconds / 60:.1f} min)")
+        ax.set_xlabel("tokens")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(work_dir / "heal.png", dpi=100)
+    plt.close(fig)
