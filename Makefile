@@ -45,6 +45,18 @@ ASAN_TOOLS  := llama-d2m-logits
 # a modern phone core: Armv8.2-A with dot product and int8 matrix multiply (Cortex-A76/X1 and later)
 ARM64_ARCH  ?= armv8.2-a+dotprod+i8mm+fp16
 
+# llama.cpp's native x86 build compiles its AMX kernels wherever the CPU reports AMX; on the AMX Xeon VMs this
+# project is tested on they crash (SIGSEGV in ggml_backend_amx_mul_mat on Q8_0/Q4_0 weights, the unpatched build
+# too), so the host builds leave them out (gcc keeps an explicit -mno-amx-* over -march=native). Decoding is
+# bandwidth-bound and does not miss them; LLAMA_AMX=on keeps them.
+LLAMA_AMX  ?= off
+NO_AMX     := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+HOST_CMAKE := $(if $(and $(filter x86_64,$(shell uname -m)),$(filter off,$(LLAMA_AMX))),\
+	-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)")
+# the host and stock builds are redone when their flags change, not only when the patches or the pin do
+HOST_HASH  := $(shell echo '$(PATCH_HASH) $(HOST_CMAKE)' | sha256sum | cut -c1-16)
+STOCK_HASH := $(shell echo '$(LLAMA_VER) $(HOST_CMAKE)' | sha256sum | cut -c1-16)
+
 CCACHE := $(shell command -v ccache 2>/dev/null)
 export CCACHE_DIR     ?= $(CURDIR)/build/.ccache
 export CCACHE_BASEDIR := $(CURDIR)/build
@@ -139,20 +151,20 @@ define llama_build
 endef
 
 # build/host/.tools-*: the tools the package runs; build/host/.built-*: those and the chat client
-llama: build/host/.built-$(PATCH_HASH)
-llama-tools: build/host/.tools-$(PATCH_HASH)
-build/host/.tools-$(PATCH_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
+llama: build/host/.built-$(HOST_HASH)
+llama-tools: build/host/.tools-$(HOST_HASH)
+build/host/.tools-$(HOST_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) $(PATCHES) | deps
 	mkdir -p build/host && rm -f build/host/.tools-* build/host/.built-*
-	$(call llama_build,host,$(PATCHES),$(HOST_TOOLS),,$(HOST_BIN))
+	$(call llama_build,host,$(PATCHES),$(HOST_TOOLS),$(HOST_CMAKE),$(HOST_BIN))
 	touch $@
-build/host/.built-$(PATCH_HASH): build/host/.tools-$(PATCH_HASH)
+build/host/.built-$(HOST_HASH): build/host/.tools-$(HOST_HASH)
 	$(call llama_targets,host,$(CHAT_TOOLS),$(HOST_BIN))
 	touch $@
 
-llama-stock: build/stock/.built-$(LLAMA_VER)
-build/stock/.built-$(LLAMA_VER): $(LLAMA_SRC)/.pin-$(LLAMA_VER) | deps
+llama-stock: build/stock/.built-$(STOCK_HASH)
+build/stock/.built-$(STOCK_HASH): $(LLAMA_SRC)/.pin-$(LLAMA_VER) | deps
 	mkdir -p build/stock && rm -f build/stock/.built-*
-	$(call llama_build,stock,,$(STOCK_TOOLS),,$(STOCK_BIN))
+	$(call llama_build,stock,,$(STOCK_TOOLS),$(HOST_CMAKE),$(STOCK_BIN))
 	touch $@
 
 # the patched loader under AddressSanitizer + UBSan (llama and ggml, so gguf parsing is covered too);

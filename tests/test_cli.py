@@ -81,3 +81,36 @@ def test_inspect_dense(tiny_dirs, tmp_path):
     assert info["tensor_count"] == sum(v["tensors"] for v in info["size_by_dtype"].values())
     text = run_cli("-m", "d2m_gguf", "inspect", out).stdout
     assert "qwen3" in text and "blk.5" in text and "dense ffn" in text
+
+
+def test_options_come_from_the_settings_dataclasses():
+    """Each default is written once, on its dataclass: --help shows it, and an option left out keeps it."""
+    from dataclasses import fields
+
+    from click.testing import CliRunner
+
+    from d2m_gguf import cli
+    from d2m_gguf.distill import resolve_precision
+    from d2m_gguf.heal import HealSettings
+    from d2m_gguf.options import option_names
+    from d2m_gguf.planner import PlanRequest
+
+    help_text = " ".join(CliRunner().invoke(cli.main, ["convert", "--help"], terminal_width=200).output.split())
+    for title in ("What to write:", "Plan (d2m plan):", "Healing:"):
+        assert title in help_text
+    defaults = {f.name: f.default for cls in (HealSettings, PlanRequest) for f in fields(cls)}
+    for name in (*cli.HEAL_FIELDS, *cli.PLAN_FIELDS):
+        value = defaults[name]
+        if value is not None and not isinstance(value, bool):
+            assert f"[default: {value}]" in help_text, name
+    assert set(cli.HEAL_FIELDS) <= set(option_names(HealSettings))
+    assert set(cli.PLAN_FIELDS) <= set(option_names(PlanRequest))
+    # nothing given: the dataclasses' own defaults
+    none = {name: None for name in (*cli.HEAL_FIELDS, "ctx")} | {"no_heal": False, "heal_precision": "auto"}
+    assert cli.healing_from(none, with_ctx=True) == HealSettings().with_precision(resolve_precision("auto"))
+    assert cli.plan_request_from({name: None for name in cli.PLAN_FIELDS}) == PlanRequest()
+    # given: they win, and --no-heal turns healing off
+    given = {**none, "tokens": 1234, "host_first": False, "ctx": 64}
+    settings = cli.healing_from(given, with_ctx=True)
+    assert (settings.tokens, settings.host_first, settings.ctx) == (1234, False, 64)
+    assert not cli.healing_from({**given, "no_heal": True}).enabled
