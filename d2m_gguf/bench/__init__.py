@@ -1,5 +1,5 @@
-"""Benchmark and fuzz tooling, apart from the library: it drives the pipeline and llama.cpp, the library never
-imports it.
+"""Benchmark and fuzz tooling, apart from the library: it drives the pipeline and llama.cpp; no pipeline module
+imports it (the command line does, for `d2m bench`).
 
     variants.py    Variant, the models a table compares, and the one build cache (cached_build, heal_key)
     llamabench.py  the one llama-bench runner and parser (llama_bench, parse_llama_bench)
