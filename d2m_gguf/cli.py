@@ -96,14 +96,6 @@ class GroupedCommand(click.Command):
                 formatter.write_dl(rest)
 
 
-def with_options(options):
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-    return decorate
-
-
 text_option = click.option("--text", type=click.Path(path_type=Path), default=None,
                            help="Calibration text file or HF dataset directory [default: the calibration text "
                                 "shipped in d2m_gguf/data/].")

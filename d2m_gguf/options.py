@@ -142,8 +142,9 @@ def options(cls, names: Iterable[str]) -> Callable:
 
 
 def from_options(cls, values: dict[str, Any], base: Any = None, **fixed) -> Any:
-    """`base` (or `cls()`) with every field of `cls` that `values` gives (not None) replaced, plus `fixed`."""
-    names = {f.name for f in fields(cls)}
+    """`base` (or `cls()`) with every `setting` of `cls` that `values` gives (not None) replaced, plus `fixed`.
+    Other fields are never taken from `values`, so one command's option groups cannot leak into each other."""
+    names = set(option_names(cls))
     given = {k: v for k, v in values.items() if k in names and v is not None}
     return replace(base if base is not None else cls(), **given, **fixed)
 
