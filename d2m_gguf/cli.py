@@ -16,7 +16,7 @@ import click
 from .analysis import ANALYSIS_SEQUENCES
 from .bench.lfuc import CurveRequest, LfucTableRequest
 from .bench.matrix import MATRIX_HEAL_TOKENS, MatrixRequest
-from .distill import E2EConfig, resolve_precision
+from .distill import PRECISIONS, E2EConfig, resolve_precision
 from .errors import D2MError
 from .heal import HealSettings
 from .options import from_options, options
@@ -112,7 +112,7 @@ def plan_options(fn):
 
 def heal_options(fn):
     """The healing settings (HealSettings), plus --no-heal and the training precision."""
-    fn = click.option("--heal-precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+    fn = click.option("--heal-precision", type=click.Choice(PRECISIONS), default="auto",
                       show_default=True, help="Matmul precision of healing (weights stay fp32); auto: bf16 where "
                                               "the hardware multiplies it natively.")(fn)
     fn = click.option("--no-heal", is_flag=True, help="Skip healing (routers keep their initialisation).")(fn)
@@ -345,7 +345,7 @@ def _distill_options(fn):
 @click.option("--teacher", type=click.Path(path_type=Path), required=True,
               help="The dense HF checkpoint the student was upcycled from.")
 @_distill_options
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Matmul precision (weights stay fp32); auto: bf16 on GPUs and CPUs with native bf16.")
 @text_option
 @_calibration_ctx

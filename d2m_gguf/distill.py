@@ -51,6 +51,9 @@ def default_precision() -> str:
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
 
 
+PRECISIONS = ("auto", "bf16", "fp32")   # what a --precision option offers
+
+
 def resolve_precision(choice: str) -> str:
     """A `--precision` choice as a training precision: `auto` is `default_precision()`."""
     return default_precision() if choice == "auto" else choice
