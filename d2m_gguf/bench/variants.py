@@ -25,10 +25,10 @@ from ..planner import PlanRequest
 log = logging.getLogger("d2m")
 
 
-
 def results_setting():
     """The `--results` setting of every bench command."""
     return setting(Path("bench/results"), "Where results go (and, in work/, the builds they reuse).")
+
 
 @dataclass(frozen=True)
 class Variant:
