@@ -153,7 +153,8 @@ def _calibration_ctx(fn):
 
 
 CONVERT_GROUPS = {
-    "What to write": ("dense", "plan_path", "from_checkpoint", "scores", "outtype", "save_hf", "work_dir"),
+    "What to write": ("dense", "plan_path", "from_checkpoint", "scores", "outtype", "gguf_arch", "save_hf",
+                      "work_dir"),
     "Plan (d2m plan)": (*PLAN_FIELDS, "device", "router_init"),
     "Healing": (*HEAL_FIELDS, "no_heal", "heal_precision", "text", "ctx", "seed"),
 }
@@ -171,6 +172,7 @@ CONVERT_GROUPS = {
 @click.option("--scores", type=click.Path(path_type=Path), default=None, help="Reuse scores from `d2m analyze`.")
 @click.option("--outtype", type=click.Choice(OUTTYPES), default="f16", show_default=True,
               help="Tensor type of the GGUF (norms and routers stay f32).")
+@options(ConvertRequest, ("gguf_arch",))
 @click.option("--save-hf", type=click.Path(path_type=Path), default=None,
               help="Also save the upcycled model as an HF-style checkpoint (safetensors + config) here.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
@@ -193,7 +195,10 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, from_c
     \b
     By default the whole LF-UC job: analyse the layers on calibration text, plan
     which to fuse (--fuse N, --target-speedup X or --max-bytes-per-token B; default
-    --fuse 8), upcycle, heal within the budget, write a dense2moe GGUF.
+    --fuse 8), upcycle, heal within the budget, write the GGUF: in the source's
+    own architecture (or llama.cpp's deci) wherever that is exact, so stock
+    llama.cpp runs it; as dense2moe, for the patched llama.cpp, where a block
+    routes between experts (--gguf-arch).
     --dense         the dense model, as llama.cpp's convert_hf_to_gguf.py writes it
     --plan PLAN     a hand-written (or earlier) fusion plan instead of planning
     --from-checkpoint DIR   an upcycled checkpoint distilled elsewhere (`d2m distill`)
@@ -222,8 +227,10 @@ def convert(hf_dir: Path, out: Path, dense: bool, plan_path: Path | None, from_c
                          request=request, text=text, healing=healing_from(settings, with_ctx=True), work_dir=work_dir,
                          save_hf=save_hf, pre_tokenizer=pre_tokenizer, seed=seed, progress=not quiet,
                          student=from_checkpoint)
-    summary = run(from_options(ConvertRequest, settings, base=job))   # --device, --router-init
-    log.info("wrote %s (dense2moe, %s): %s", out, outtype, json.dumps(summary["plan"]))
+    summary = run(from_options(ConvertRequest, settings, base=job))   # --device, --router-init, --gguf-arch
+    gguf = summary["gguf"]
+    log.info("wrote %s (%s, %s; runs on %s): %s", out, gguf["architecture"], outtype, gguf["runtime"],
+             json.dumps(summary["plan"]))
 
 
 @main.command("inspect")
@@ -241,6 +248,7 @@ def inspect(gguf_file: Path, as_json: bool, verbose: bool) -> None:
         return
     click.echo(f"{info['file']}: {info['architecture']} '{info['name']}', {info['tensor_count']} tensors, "
                f"{info['size_bytes'] / 2**20:.1f} MiB")
+    click.echo(f"runs on {info['runtime']}")
     if info.get("plan"):
         click.echo(f"method {info['method']} from {info['source_model']}")
     click.echo("size by type: " + ", ".join(f"{k} {v['tensors']} tensors {v['bytes'] / 2**20:.1f} MiB"
@@ -259,15 +267,18 @@ def inspect(gguf_file: Path, as_json: bool, verbose: bool) -> None:
 @verbose_option
 @user_errors
 def validate(gguf_file: Path, verbose: bool) -> None:
-    """Check a dense2moe GGUF against the contract (docs/gguf-format.md); list every problem."""
-    from .reader import validate_gguf
+    """Check a GGUF d2m wrote: a dense2moe one against the contract (docs/gguf-format.md), a llama, qwen2, qwen3
+    or deci one against its architecture's layout; list every problem and say which llama.cpp runs it."""
+    from .constants import runtime_of
+    from .reader import field, open_gguf, validate_gguf
 
     problems = validate_gguf(gguf_file)
     for p in problems:
         click.echo(f"{gguf_file}: {p}", err=True)
     if problems:
         raise D2MError(f"{gguf_file}: {len(problems)} problem(s)")
-    click.echo(f"{gguf_file}: valid dense2moe GGUF")
+    arch = field(open_gguf(gguf_file), "general.architecture")
+    click.echo(f"{gguf_file}: valid {arch} GGUF; runs on {runtime_of(arch)}")
 
 
 @main.command("analyze")

@@ -14,6 +14,18 @@ import gguf
 ARCH = "dense2moe"
 FORMAT_VERSION = 1
 
+# the stock llama.cpp architectures d2m writes where they compute the model exactly (stock_export.py)
+DECI = "deci"
+STOCK_ARCHS = ("llama", "qwen2", "qwen3", DECI)
+INTERLEAVED_ROPE_ARCHS = ("llama", DECI)   # llama.cpp's NORM RoPE: q/k rows permuted from HF's rotate-half
+STOCK_RUNTIME = "stock llama.cpp"
+PATCHED_RUNTIME = "the patched llama.cpp (make llama-tools)"
+
+
+def runtime_of(arch: str) -> str:
+    """Which llama.cpp runs a file whose `general.architecture` is `arch`."""
+    return PATCHED_RUNTIME if arch == ARCH else STOCK_RUNTIME
+
 T = gguf.MODEL_TENSOR
 
 

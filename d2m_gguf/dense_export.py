@@ -23,6 +23,11 @@ def rope_interleave(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rope_uninterleave(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `rope_interleave`: llama.cpp's interleaved q/k rows -> HF rotate-half."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _loader(ckpt: Checkpoint, hf_name: str, n_head_permute: int = 0):
     def load() -> np.ndarray:
         data = ckpt.get(hf_name)
@@ -62,13 +67,19 @@ def export_dense(hf_dir: Path, out_path: Path, outtype: OutType = OutType.F16,
     tensors = dense_tensors(spec, ckpt, outtype)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
-        add_general(writer, hf_dir, outtype)
-        writer.add_block_count(spec.n_layer)
-        writer.add_feed_forward_length(spec.n_ff)
-        add_transformer_hparams(writer, spec)
-        if spec.dense_gguf_arch == "llama":
-            writer.add_vocab_size(spec.vocab_size)
-            writer.add_rope_dimension_count(spec.head_dim)
-        add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+        add_dense_metadata(writer, spec, hf_dir, outtype, pre_tokenizer)
 
     write_gguf(out_path, spec.dense_gguf_arch, tensors, metadata, progress=progress, desc="dense export")
+
+
+def add_dense_metadata(writer: gguf.GGUFWriter, spec: DenseSpec, hf_dir: Path, outtype: OutType,
+                       pre_tokenizer: str | None = None) -> None:
+    """The KV section upstream's converter writes for a dense model of `spec` (its depth and FFN width)."""
+    add_general(writer, hf_dir, outtype)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    add_transformer_hparams(writer, spec)
+    if spec.dense_gguf_arch == "llama":
+        writer.add_vocab_size(spec.vocab_size)
+        writer.add_rope_dimension_count(spec.head_dim)
+    add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)

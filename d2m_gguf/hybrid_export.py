@@ -40,6 +40,19 @@ def add_hybrid_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
 
 
+def add_provenance(writer: gguf.GGUFWriter, plan: FusionPlan, spec: DenseSpec, hf_dir: Path,
+                   healing: dict[str, Any] | None) -> None:
+    """d2m.*: the source, the plan and the healing that made the model (runtimes ignore these keys)."""
+    writer.add_uint32(Keys.FORMAT, FORMAT_VERSION)
+    writer.add_string(Keys.SOURCE_MODEL, str(spec.config.get("_name_or_path") or Path(hf_dir).name))
+    writer.add_string(Keys.SOURCE_ARCH, spec.hf_architecture)
+    writer.add_uint32(Keys.SOURCE_LAYERS, spec.n_layer)
+    writer.add_string(Keys.METHOD, plan.method)
+    writer.add_string(Keys.PLAN, plan.dumps())
+    if healing:
+        writer.add_string(Keys.HEALING, json.dumps(healing, sort_keys=True))
+
+
 def hybrid_tensors(model: HybridModel, outtype: OutType) -> list[TensorOut]:
     out = []
     for key, value in model.state_dict().items():
@@ -60,13 +73,6 @@ def export_hybrid(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir:
         add_general(writer, hf_dir, outtype)
         add_hybrid_hparams(writer, model.cfg)
         add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
-        writer.add_uint32(Keys.FORMAT, FORMAT_VERSION)
-        writer.add_string(Keys.SOURCE_MODEL, str(spec.config.get("_name_or_path") or hf_dir.name))
-        writer.add_string(Keys.SOURCE_ARCH, spec.hf_architecture)
-        writer.add_uint32(Keys.SOURCE_LAYERS, spec.n_layer)
-        writer.add_string(Keys.METHOD, plan.method)
-        writer.add_string(Keys.PLAN, plan.dumps())
-        if healing:
-            writer.add_string(Keys.HEALING, json.dumps(healing, sort_keys=True))
+        add_provenance(writer, plan, spec, hf_dir, healing)
 
     write_gguf(out_path, ARCH, hybrid_tensors(model, outtype), metadata, progress=progress, desc="dense2moe export")

@@ -53,6 +53,21 @@ class LlamaCpp:
             raise D2MError(f"{name} failed (exit {proc.returncode}): {tail}")
         return proc
 
+    def run_to_the_end(self, name: str, args: Sequence[str], end: re.Pattern, attempts: int = 3
+                       ) -> subprocess.CompletedProcess:
+        """`run` for a tool whose log is read, with OpenMP threads that sleep when idle, again if the log lost
+        its tail. The pinned llama.cpp logs from a thread that the exit does not wait for (common/log.cpp leaks
+        the logger on purpose), and OpenMP's spinning workers can keep that thread off the CPU until the exit:
+        measured on 2 loaded cores, llama-perplexity of a tiny model lost its last line in 11 of 30 runs (once
+        every chunk's estimate but the first), with OMP_WAIT_POLICY=passive in none of 30. The log is a queue:
+        when the last line that matters (`end`) is there, everything before it is too."""
+        for _ in range(attempts):
+            proc = self.run(name, args, env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")})
+            if end.search(proc.stdout + proc.stderr):
+                return proc
+        raise D2MError(f"{name}: the log lost its last lines in {attempts} runs (llama.cpp's logger is not "
+                       "flushed at exit)")
+
     # -- tools ------------------------------------------------------------------------------
 
     def logits(self, model: Path, tokens: Sequence[int], mode: str = "batch", ctx: int | None = None) -> tuple[np.ndarray, str]:
@@ -76,14 +91,14 @@ class LlamaCpp:
             args += ["--chunks", chunks]
         if batch:
             args += ["-b", batch, "-ub", batch]
-        proc = self.run("llama-perplexity", args)
+        proc = self.run_to_the_end("llama-perplexity", args, end=_PPL)
         log = proc.stdout + proc.stderr
         return parse_perplexity(log), log
 
     def complete(self, model: Path, prompt: str, n: int = 24, extra: Sequence[str] = ()) -> tuple[str, str]:
         """Greedy completion text from `llama-completion`, and its log."""
-        proc = self.run("llama-completion", ["-m", model, "-p", prompt, "-n", n, "--temp", 0, "-no-cnv",
-                                             "-t", self.threads, "-c", 512, *extra])
+        proc = self.run_to_the_end("llama-completion", ["-m", model, "-p", prompt, "-n", n, "--temp", 0, "-no-cnv",
+                                             "-t", self.threads, "-c", 512, *extra], end=_PERF_END)
         return proc.stdout, proc.stderr
 
     def quantize(self, src: Path, dst: Path, qtype: str, extra: Sequence[str] = ()) -> str:
@@ -91,6 +106,7 @@ class LlamaCpp:
         return proc.stdout + proc.stderr
 
 
+_PERF_END = re.compile(r"common_perf_print:\s+total time")
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _KV = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers")
 

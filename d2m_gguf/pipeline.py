@@ -25,12 +25,13 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .distill import Budget, E2EConfig, StageLog, distill_e2e, frozen_guests
 from .ggufout import OutType
 from .heal import HealSettings, Healed, block_local_config, heal, write_heal_logs
-from .hybrid_export import export_hybrid, hybrid_tensors
+from .hybrid_export import hybrid_tensors
 from .model import HybridModel
 from .options import setting
 from .plan import FusionPlan, identity_plan, load_plan, plan_summary
 from .planner import PlanRequest, choose_plan
 from .spec import DenseSpec, load_dense_spec
+from .stock_export import ArchChoice, GgufArch, check_arch_reachable, export_model
 from .upcycle import upcycle
 from .vocab import check_tokenizer
 
@@ -61,6 +62,9 @@ class ConvertRequest:
     pre_tokenizer: str | None = None
     router_init: str | None = setting(None, "Override the plan's router initialisation (fit: the host's MLP, "
                                       "then fitted while healing; host; random).", choices=("fit", "host", "random"))
+    gguf_arch: GgufArch = setting(GgufArch.AUTO, "GGUF architecture: auto (a stock llama.cpp one where it is "
+                                  "exact: standard, then deci; else dense2moe), standard (the source's, or refuse), "
+                                  "deci, or dense2moe (the patched llama.cpp's).")
     seed: int = 0
     progress: bool = True
     student: Path | None = None         # an upcycled (e.g. `d2m distill`ed) HF-style checkpoint: write it, no planning
@@ -107,7 +111,7 @@ def run(req: ConvertRequest) -> dict:
         summary["predicted"] = planned.predicted
     summary["plan"] = plan_summary(healed.plan)
     summary["healing"] = healing
-    write_stage(req, inputs.spec, healed, healing)
+    summary["gguf"] = write_stage(req, inputs.spec, healed, healing).record()
     (req.work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     return summary
 
@@ -134,6 +138,7 @@ def plan_stage(req: ConvertRequest, inputs: Inputs, teacher: HybridModel, chunks
     planned = Planned(inputs.plan) if inputs.plan is not None else _choose(req, inputs.spec, teacher, chunks)
     if req.router_init:
         planned.plan = planned.plan.with_router_init(req.router_init)
+    check_arch_reachable(planned.plan, inputs.spec, req.gguf_arch, inputs.healing.enabled)
     return planned
 
 
@@ -185,14 +190,15 @@ def _rounded(usage: dict[int, list[float]]) -> dict[str, list[float]]:
     return {str(j): [round(u, 3) for u in v] for j, v in usage.items()}
 
 
-def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: dict | None) -> None:
-    """The GGUF (and, with --save-hf, the HF-style checkpoint). Wall-clock times stay in heal.json: the GGUF
-    holds only what the same inputs and seed reproduce."""
+def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: dict | None) -> ArchChoice:
+    """The GGUF, in the architecture `--gguf-arch` allows (stock_export.choose_arch), and with --save-hf the
+    HF-style checkpoint. Wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed
+    reproduce."""
     if req.save_hf:
         from .hf_export import save_hf_checkpoint
         save_hf_checkpoint(healed.model, healed.plan, spec, req.hf_dir, req.save_hf)
-    export_hybrid(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, pre_tokenizer=req.pre_tokenizer,
-                  healing=_without_timings(healing), progress=req.progress)
+    return export_model(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
+                        pre_tokenizer=req.pre_tokenizer, healing=_without_timings(healing), progress=req.progress)
 
 
 def _without_timings(value):
@@ -205,14 +211,14 @@ def _without_timings(value):
 
 
 def export_student(req: ConvertRequest, spec: DenseSpec) -> dict:
-    """Write an upcycled HF-style checkpoint (from --save-hf, or `d2m distill`) as a dense2moe GGUF."""
+    """Write an upcycled HF-style checkpoint (from --save-hf, or `d2m distill`) as a GGUF."""
     from .hf_export import load_hf_checkpoint, load_hf_plan
 
     model, plan = load_hf_checkpoint(req.student), load_hf_plan(req.student, spec.n_layer)
-    export_hybrid(model, plan, spec, req.hf_dir, req.out, req.outtype, pre_tokenizer=req.pre_tokenizer,
-                  progress=req.progress)
+    choice = export_model(model, plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
+                          pre_tokenizer=req.pre_tokenizer, progress=req.progress)
     return {"source": str(req.hf_dir), "student": str(req.student), "output": str(req.out),
-            "plan": plan_summary(plan)}
+            "plan": plan_summary(plan), "gguf": choice.record()}
 
 
 @dataclass

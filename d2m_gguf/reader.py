@@ -1,4 +1,4 @@
-"""Reading GGUF files back: inspect any model, validate and load dense2moe ones.
+"""Reading GGUF files back: inspect any model; validate and load dense2moe ones and the stock ones d2m writes.
 
 Uses the same names as the writer (constants.py), so a file the writer produces
 and the checks the validator makes cannot drift apart.
@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from .constants import ARCH, ATTENTION_TENSORS, Keys, T, tensor_name
+from .constants import ARCH, ATTENTION_TENSORS, INTERLEAVED_ROPE_ARCHS, STOCK_ARCHS, Keys, T, runtime_of, tensor_name
 from .errors import D2MError
 from .model import BlockConfig, HybridConfig, HybridModel, state_key
 
@@ -70,6 +70,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     info = {
         "file": str(path),
         "architecture": field(reader, "general.architecture"),
+        "runtime": runtime_of(field(reader, "general.architecture")),
         "name": field(reader, "general.name"),
         "file_type": field(reader, "general.file_type"),
         "tensor_count": len(reader.tensors),
@@ -198,6 +199,11 @@ def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int, bool]:
 
 def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> HybridConfig:
     arch = field(reader, "general.architecture")
+    if arch in STOCK_ARCHS:
+        cfg, problems = _stock_config(reader)
+        if problems:
+            raise D2MError(f"{reader.data.filename}: {problems[0]}")
+        return cfg
     if arch != ARCH:
         raise D2MError(f"{reader.data.filename}: architecture {arch!r}, expected {ARCH!r}")
     problems, n, usable = _metadata_problems(reader)
@@ -257,25 +263,84 @@ def _partial_config(reader: gguf.GGUFReader, n: int) -> tuple[HybridConfig, int,
     return cfg, covered, sizes_ok
 
 
+# -- the stock architectures d2m writes (stock_export.py) ------------------------------------------------------
+
+def _stock_config(reader: gguf.GGUFReader) -> tuple[HybridConfig, list[str]]:
+    """The model a llama/qwen2/qwen3/deci file describes, as a HybridConfig (a block has attention where its
+    head count is not 0), and the problems of its metadata (the config is unusable when there are any)."""
+    arch = field(reader, "general.architecture")
+    problems: list[str] = []
+
+    def key(name: str, default: Any = None, bound: int = MAX_WIDTH) -> Any:
+        value = field(reader, f"{arch}.{name}", default)
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_int(v) and 0 <= v <= bound for v in values):
+            problems.append(f"{arch}.{name} missing or out of range: {value!r}")
+            return [1] if isinstance(value, list) else 1
+        return value
+
+    n = key("block_count", bound=MAX_LAYERS)
+    n = n if _is_int(n) else 1
+    heads = _per_layer(key("attention.head_count"), n)
+    kv_heads = _per_layer(key("attention.head_count_kv", heads), n)
+    n_ff = _per_layer(key("feed_forward_length"), n)
+    n_embd = key("embedding_length")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    vocab = key("vocab_size", len(tokens), MAX_VOCAB)
+    if len({len(heads), len(kv_heads), len(n_ff), n}) > 1:
+        problems.append(f"per-layer arrays of {arch} do not all have {n} entries")
+    n_head, n_head_kv = max(heads, default=1) or 1, max(kv_heads, default=1) or 1
+    head_dim = key("attention.key_length", n_embd // n_head if n_embd >= n_head else 1)
+    names = {t.name for t in reader.tensors}
+    first = next((i for i in range(min(n, len(heads))) if heads[i]), 0)
+    cfg = HybridConfig(
+        vocab_size=vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_ctx_train=int(field(reader, f"{arch}.context_length", 2048)),
+        rms_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        qkv_bias=tensor_name(T.ATTN_Q, first, "bias") in names, o_bias=tensor_name(T.ATTN_OUT, first, "bias") in names,
+        qk_norm=tensor_name(T.ATTN_Q_NORM, first) in names, tie_word_embeddings=tensor_name(T.OUTPUT) not in names,
+        normalize_topk=False,
+        blocks=tuple(BlockConfig(bool(heads[i]), int(n_ff[i])) for i in range(min(n, len(heads), len(n_ff)))))
+    return cfg, problems
+
+
+def _expected_tensors(cfg: HybridConfig, layers: int, untied: bool) -> dict[str, tuple[int, ...]]:
+    expected: dict[str, tuple[int, ...]] = {tensor_name(T.TOKEN_EMBD): (cfg.vocab_size, cfg.n_embd),
+                                            tensor_name(T.OUTPUT_NORM): (cfg.n_embd,)}
+    if untied:
+        expected[tensor_name(T.OUTPUT)] = (cfg.vocab_size, cfg.n_embd)
+    for i in range(layers):
+        expected.update(_expected_shapes(cfg, i))
+    return expected
+
+
 def validate_gguf(path: Path) -> list[str]:
-    """Every way `path` breaks the dense2moe contract (empty list: valid).
+    """Every way `path` breaks the dense2moe contract, or (for llama, qwen2, qwen3 and deci files) the layout
+    of its stock architecture (empty list: valid).
 
     Not only the first problem: metadata and tensors are both checked, and where the metadata is
     broken the tensors are still checked as far as it describes them (the layers its per-layer
     arrays cover, the shapes its model-wide sizes give)."""
     reader = open_gguf(path)
     arch = field(reader, "general.architecture")
+    tensors = {t.name: t for t in reader.tensors}
+    if arch in STOCK_ARCHS:
+        cfg, problems = _stock_config(reader)
+        sizes_ok = not problems
+        expected = _expected_tensors(cfg, cfg.n_layer, tensor_name(T.OUTPUT) in tensors)
+        for name, shape in expected.items():
+            got = tuple(int(d) for d in reversed(tensors[name].shape)) if name in tensors else None
+            if got is None:
+                problems.append(f"tensor {name} is missing")
+            elif sizes_ok and got != shape:
+                problems.append(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
+        return problems + [f"unexpected tensor {name}" for name in tensors if name not in expected]
     if arch != ARCH:
-        return [f"general.architecture is {arch!r}, expected {ARCH!r}"]
+        return [f"general.architecture is {arch!r}, expected {ARCH!r} or one of {', '.join(STOCK_ARCHS)}"]
     problems, n, _ = _metadata_problems(reader)
     cfg, covered, sizes_ok = _partial_config(reader, n)
-    tensors = {t.name: t for t in reader.tensors}
-    expected: dict[str, tuple[int, ...]] = {tensor_name(T.TOKEN_EMBD): (cfg.vocab_size, cfg.n_embd),
-                                            tensor_name(T.OUTPUT_NORM): (cfg.n_embd,)}
-    if tensor_name(T.OUTPUT) in tensors:
-        expected[tensor_name(T.OUTPUT)] = (cfg.vocab_size, cfg.n_embd)
-    for i in range(covered):
-        expected.update(_expected_shapes(cfg, i))
+    expected = _expected_tensors(cfg, covered, tensor_name(T.OUTPUT) in tensors)
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -307,7 +372,8 @@ _ACT_OF_TYPE = {"Q8_0": "q8_0", "F16": "f16", "BF16": "bf16"}
 
 
 def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
-    """Read a dense2moe GGUF into the PyTorch reference (weights dequantized to float32).
+    """Read a dense2moe GGUF, or a stock one d2m writes, into the PyTorch reference (weights dequantized to
+    float32; a llama or deci file's interleaved q/k rows back in rotate-half order).
 
     With `emulate_llama_cpp`, every matmul also rounds its input the way llama.cpp's CPU
     kernels do for that weight's type (model.round_activations), so the reference computes
@@ -325,6 +391,8 @@ def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
             continue
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         data = np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        if field(reader, "general.architecture") in INTERLEAVED_ROPE_ARCHS:
+            data = _rotate_half_rows(data, t.name, cfg)
         state[keys[t.name]] = torch.from_numpy(data.copy())
     missing = set(keys.values()) - set(state)
     for key in missing:  # only an absent router bias can get here (validate_gguf allows it)
@@ -333,6 +401,16 @@ def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
     if emulate_llama_cpp:
         _set_activation_rounding(model, reader)
     return model
+
+
+def _rotate_half_rows(data: np.ndarray, name: str, cfg: HybridConfig) -> np.ndarray:
+    from .dense_export import rope_uninterleave
+
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        return rope_uninterleave(data, cfg.n_head)
+    if name.endswith(("attn_k.weight", "attn_k.bias")):
+        return rope_uninterleave(data, cfg.n_head_kv)
+    return data
 
 
 def _set_activation_rounding(model: HybridModel, reader: gguf.GGUFReader) -> None:

@@ -163,25 +163,28 @@ def full_request(hf_dir: Path, **kw) -> MatrixRequest:
 _MEAN_PPL = re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)")
 _FINAL_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _KLD = re.compile(r"Mean\s+KLD:\s*([0-9.eE+-]+)\s*±\s*([0-9.eE+-]+)")
+_BASE_PPL = re.compile(f"{_FINAL_PPL.pattern}|{_MEAN_PPL.pattern}")
 _TOP1 = re.compile(r"Same top p:\s*([0-9.]+)\s*±\s*([0-9.]+)")
 
 
 def kld_base(llama: LlamaCpp, model: Path, text: Path, base: Path, ctx: int, chunks: int, log_file: Path) -> float:
     """Perplexity of the reference (f16 dense) and its saved logits for `--kl-divergence`."""
-    proc = llama.run("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", llama.threads,
-                                          "--kl-divergence-base", base])
+    proc = llama.run_to_the_end("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks,
+                                                     "-t", llama.threads, "--kl-divergence-base", base],
+                                end=_BASE_PPL)
     out = proc.stdout + proc.stderr
     log_file.write_text(out, encoding="utf-8")
-    m = _FINAL_PPL.search(out) or _MEAN_PPL.search(out)
+    m = _BASE_PPL.search(out)
     if not m or not base.is_file():
         raise D2MError("llama-perplexity --kl-divergence-base printed no estimate")
-    return float(m.group(1))
+    return float(m.group(1) or m.group(2))
 
 
 def kld_row(llama: LlamaCpp, model: Path, base: Path, ctx: int, chunks: int, log_file: Path) -> dict:
     """Perplexity, mean KLD and top-1 agreement of `model` against the saved reference logits."""
-    proc = llama.run("llama-perplexity", ["-m", model, "-c", ctx, "--chunks", chunks, "-t", llama.threads,
-                                          "--kl-divergence-base", base, "--kl-divergence"])
+    proc = llama.run_to_the_end("llama-perplexity", ["-m", model, "-c", ctx, "--chunks", chunks,
+                                                     "-t", llama.threads, "--kl-divergence-base", base,
+                                                     "--kl-divergence"], end=_TOP1)
     out = proc.stdout + proc.stderr
     log_file.write_text(out, encoding="utf-8")
     ppl, kld, top1 = _MEAN_PPL.search(out), _KLD.search(out), _TOP1.search(out)

@@ -108,6 +108,7 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     request = v.request()
     variant = {k: x for k, x in asdict(v).items() if x is not None}
     settings = json.dumps({"variant": variant, "plan": repr(request), "outtype": outtype.value,
+                           "gguf_arch": ConvertRequest.gguf_arch.value,
                            "heal": heal_key(heal, guests=v.method == "lfuc")}, sort_keys=True)
 
     def build() -> None:
@@ -128,7 +129,8 @@ def build_plan_variant(name: str, plan: Path, hf_dir: Path, work: Path, outtype:
     """The GGUF of a hand-written plan (examples/plans), named `name` (reused when built with the same settings)."""
     out = work / f"{name}-{outtype.value}.gguf"
     plan_text = Path(plan).read_text(encoding="utf-8")
-    settings = json.dumps({"plan": plan_text, "outtype": outtype.value, "heal": heal_key(heal)}, sort_keys=True)
+    settings = json.dumps({"plan": plan_text, "outtype": outtype.value, "gguf_arch": ConvertRequest.gguf_arch.value,
+                           "heal": heal_key(heal)}, sort_keys=True)
     return cached_build(out, settings, lambda: run(ConvertRequest(
         hf_dir=hf_dir, out=out, outtype=outtype, plan=Path(plan), healing=heal, work_dir=work / f"{name}.d2m",
         progress=progress)))
