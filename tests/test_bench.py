@@ -144,6 +144,26 @@ def test_quantize_for_phone_applies_the_recipe(tiny_d2m_f16, llama, tmp_path):
     assert text.strip()
 
 
+def test_quantize_for_phone_applies_the_recipe_to_a_stock_file(tiny_llama, llama_stock, tmp_path):
+    """A pruned model is written as a plain llama file: the recipe's classes apply to it as to dense2moe, and
+    stock llama.cpp runs the phone file."""
+    from .test_stock_export import plan_of
+
+    plan, src, out = tmp_path / "prune.json", tmp_path / "prune.gguf", tmp_path / "prune-phone.gguf"
+    plan_of("prune").save(plan)
+    proc = run_cli("convert.py", tiny_llama, src, "--plan", plan, "--no-heal", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("-m", "d2m_gguf", "quantize", src, out, "--device", "phone-i8mm", "--chunks", "4", "--ctx", "128")
+    assert proc.returncode == 0, proc.stderr
+    recipe, types = load_recipe("phone-i8mm"), tensor_types(out)
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    attn = {t for n, t in types.items() if ".attn_" in n and "norm" not in n}
+    ffn = {t for n, t in types.items() if ".ffn_" in n and "norm" not in n}
+    assert attn == {recipe.types["attention"]} and ffn == {recipe.types["ffn"]}
+    text, _ = llama_stock.complete(out, "The capital of France is", n=4)
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+
+
 def test_quantize_unknown_device_is_one_line_exit_2(tiny_d2m_f16, tmp_path):
     proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, tmp_path / "x.gguf", "--device", "nokia-3310")
     assert proc.returncode == 2 and proc.stderr.startswith("error: no quantization recipe")

@@ -285,10 +285,11 @@ def test_idle_experts_are_dropped_and_blocks_written_dense(tiny_dirs, calibratio
     assert proc.returncode != 0 and "--min-expert-share" in proc.stderr
 
 
-def test_lfuc_whose_guests_are_never_routed_writes_the_pruned_model(tiny_dirs, calibration_text, tmp_path):
+def test_lfuc_whose_guests_are_never_routed_writes_the_pruned_model(tiny_dirs, calibration_text, llama_stock,
+                                                                   tmp_path):
     """Host first with host routers (no fit admits a guest), every guest is dropped before end-to-end healing:
     the whole convert, end-to-end healing included, writes the pruned model's tensors bit for bit (as measured
-    on SmolLM2 at 6 fused layers with the fit)."""
+    on SmolLM2 at 6 fused layers with the fit), as the source's own architecture, which stock llama.cpp runs."""
     args = ("--fuse", "2", "--heal-tokens", "4096", "--text", calibration_text, "--ctx", "64", "--quiet")
     files = {}
     for method in ("lfuc", "prune"):
@@ -301,6 +302,10 @@ def test_lfuc_whose_guests_are_never_routed_writes_the_pruned_model(tiny_dirs, c
     lfuc, prune = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(files[m]).tensors} for m in ("lfuc", "prune"))
     assert lfuc.keys() == prune.keys()
     assert all(np.array_equal(lfuc[name], prune[name]) for name in lfuc)
+    assert gguf.GGUFReader(files["lfuc"]).fields["general.architecture"].contents() == "llama"
+    assert json.loads((tmp_path / "lfuc.gguf.d2m" / "summary.json").read_text())["gguf"]["architecture"] == "llama"
+    text, _ = llama_stock.complete(files["lfuc"], "The capital of France is", n=4)
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
 
 
 def test_a_plan_that_changes_nothing_is_not_healed(tiny_dirs, calibration_text, tmp_path):

@@ -187,19 +187,28 @@ def test_the_job_says_which_architecture_and_runtime(tiny_dirs, llama, tmp_path)
 
 
 def test_a_stock_file_with_a_missing_tensor_is_invalid(tiny_dirs, tmp_path):
+    from .helpers import rewrite_gguf
+
     out = tmp_path / "prune.gguf"
     _write(tiny_dirs["llama"], plan_of("prune"), out, "f32", "auto")
-    reader = gguf.GGUFReader(out)
-    broken = tmp_path / "broken.gguf"
-    writer = gguf.GGUFWriter(broken, arch="llama")
-    for key, f in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in reader.tensors:
-        if t.name != "blk.2.ffn_up.weight":
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    broken = rewrite_gguf(out, tmp_path / "broken.gguf", drop_tensors=("blk.2.ffn_up.weight",))
     assert validate_gguf(broken) == ["tensor blk.2.ffn_up.weight is missing"]
+    proc = run_cli("-m", "d2m_gguf", "validate", broken)
+    assert proc.returncode == 2 and "blk.2.ffn_up.weight is missing" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_identity_plan_is_upstreams_dense_file(tiny_dirs, tmp_path, family):
+    """Written as a standard file, the plan that changes nothing is the dense export (upstream's converter's file,
+    test_dense_export.py) tensor for tensor and key for key, plus the d2m.* provenance."""
+    from d2m_gguf.dense_export import export_dense
+    from d2m_gguf.plan import identity_plan
+
+    from .helpers import gguf_diff
+
+    dense, ours = tmp_path / "dense.gguf", tmp_path / "ours.gguf"
+    export_dense(tiny_dirs[family], dense, OutType.Q8_0, progress=False)
+    assert _write(tiny_dirs[family], identity_plan(6), ours, "q8_0", "standard").arch == FAMILY_ARCH[family]
+    d = gguf_diff(dense, ours)
+    assert not (d.missing_keys or d.changed_keys or d.missing_tensors or d.extra_tensors or d.changed_tensors), d
+    assert d.extra_keys and all(k.startswith("d2m.") for k in d.extra_keys)
