@@ -19,7 +19,7 @@ DECI = "deci"
 STOCK_ARCHS = ("llama", "qwen2", "qwen3", DECI)
 INTERLEAVED_ROPE_ARCHS = ("llama", DECI)   # llama.cpp's NORM RoPE: q/k rows permuted from HF's rotate-half
 STOCK_RUNTIME = "stock llama.cpp"
-PATCHED_RUNTIME = "the patched llama.cpp (make llama-tools)"
+PATCHED_RUNTIME = "the patched llama.cpp"
 
 
 def runtime_of(arch: str) -> str:

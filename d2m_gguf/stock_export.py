@@ -238,7 +238,7 @@ def export_model(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir: 
     else:
         export_stock(model, choice, plan, spec, hf_dir, out_path, outtype, pre_tokenizer=pre_tokenizer,
                      healing=healing, progress=progress)
-    log.info("GGUF architecture %s (%s runs it): %s", choice.arch, choice.runtime, choice.reason)
+    log.info("GGUF architecture %s, for %s: %s", choice.arch, choice.runtime, choice.reason)
     if choice.padding:
         extra = sum(tensor_nbytes(t.shape, t.qtype) for t in stock_tensors(model, choice, outtype)) - \
             sum(tensor_nbytes(t.shape, t.qtype) for t in stock_tensors(model, replace(choice, n_ff=None), outtype))
