@@ -35,6 +35,13 @@ def _loader(ckpt: Checkpoint, hf_name: str, n_head_permute: int = 0):
     return load
 
 
+def gguf_names(spec: DenseSpec) -> dict[str, str]:
+    """HF tensor name -> GGUF tensor name, for every tensor of a checkpoint of `spec` (gguf-py's map, which
+    upstream's converter uses)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.dense_gguf_arch.upper()], spec.n_layer)
+    return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in spec.hf_tensor_shapes()}
+
+
 def dense_tensors(spec: DenseSpec, ckpt: Checkpoint, outtype: OutType) -> list[TensorOut]:
     """Every GGUF tensor of the dense export, in checkpoint order, not yet loaded."""
     arch = gguf.MODEL_ARCH[spec.dense_gguf_arch.upper()]

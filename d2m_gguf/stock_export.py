@@ -156,10 +156,10 @@ def _stock_array(value: torch.Tensor, name: str, cfg: HybridConfig, arch: str, n
         data = rope_interleave(data, cfg.n_head)
     elif arch in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_k.weight", "attn_k.bias")):
         data = rope_interleave(data, cfg.n_head_kv)
-    return _pad_ffn(data, name, n_ff)
+    return pad_ffn(data, name, n_ff)
 
 
-def _pad_ffn(data: np.ndarray, name: str, n_ff: int | None) -> np.ndarray:
+def pad_ffn(data: np.ndarray, name: str, n_ff: int | None) -> np.ndarray:
     """gate/up [f, d] -> [n_ff, d] and down [d, f] -> [d, n_ff], with zeros."""
     if n_ff is None:
         return data
