@@ -17,20 +17,26 @@ from .spec import DenseSpec
 from .vocab import add_vocab
 
 
-def add_hybrid_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
-    """Shared hyperparameters plus the per-layer arrays that say what each block is."""
-    u32 = gguf.GGUFValueType.UINT32
+def add_shared_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig, n_head: int | list[int],
+                       n_head_kv: int | list[int]) -> None:
+    """The hyperparameters of `cfg` that dense2moe and deci write alike (heads: one value, or one per layer)."""
     writer.add_block_count(cfg.n_layer)
     writer.add_context_length(cfg.n_ctx_train)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_head_kv)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
+
+
+def add_hybrid_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
+    """Shared hyperparameters plus the per-layer arrays that say what each block is."""
+    u32 = gguf.GGUFValueType.UINT32
+    add_shared_hparams(writer, cfg, cfg.n_head, cfg.n_head_kv)
     writer.add_key_value(Keys.FEED_FORWARD_LENGTH, [b.n_ff for b in cfg.blocks], gguf.GGUFValueType.ARRAY, u32)
     writer.add_key_value(Keys.ATTENTION_PRESENT, [b.attention for b in cfg.blocks],
                          gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)

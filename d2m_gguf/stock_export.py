@@ -35,7 +35,7 @@ from .constants import ARCH, DECI, INTERLEAVED_ROPE_ARCHS, runtime_of
 from .dense_export import add_dense_metadata, rope_interleave
 from .errors import D2MError
 from .ggufout import OutType, TensorOut, tensor_nbytes, tensor_qtype, write_gguf
-from .hybrid_export import add_provenance, export_hybrid
+from .hybrid_export import add_provenance, add_shared_hparams, export_hybrid
 from .metadata import add_general
 from .model import HybridConfig, HybridModel, gguf_name
 from .plan import FusionPlan
@@ -189,20 +189,11 @@ def stock_tensors(model: HybridModel, choice: ArchChoice, outtype: OutType) -> l
     return out
 
 
-def _add_deci_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig, spec: DenseSpec) -> None:
-    """What upstream's DeciModel writes: per-layer heads and FFN widths, the rest as for llama."""
-    writer.add_block_count(cfg.n_layer)
-    writer.add_context_length(cfg.n_ctx_train)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_head_count([cfg.n_head if b.attention else 0 for b in cfg.blocks])
-    writer.add_head_count_kv([cfg.n_head_kv if b.attention else 0 for b in cfg.blocks])
+def _add_deci_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
+    """Per-layer heads (0: no attention) and FFN widths, as upstream's DeciModel writes them."""
+    add_shared_hparams(writer, cfg, [cfg.n_head if b.attention else 0 for b in cfg.blocks],
+                       [cfg.n_head_kv if b.attention else 0 for b in cfg.blocks])
     writer.add_feed_forward_length([b.n_ff for b in cfg.blocks])
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_eps)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
 
 
 def export_stock(model: HybridModel, choice: ArchChoice, plan: FusionPlan, spec: DenseSpec, hf_dir: Path,
@@ -216,7 +207,7 @@ def export_stock(model: HybridModel, choice: ArchChoice, plan: FusionPlan, spec:
     def metadata(writer: gguf.GGUFWriter) -> None:
         if choice.arch == DECI:
             add_general(writer, hf_dir, outtype)
-            _add_deci_hparams(writer, model.cfg, spec)
+            _add_deci_hparams(writer, model.cfg)
             add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
         else:
             add_dense_metadata(writer, replace(spec, n_layer=model.cfg.n_layer, n_ff=choice.n_ff), hf_dir, outtype,
