@@ -194,10 +194,11 @@ def test_matrix_rows_columns_and_files(tiny_matrix):
         (v, q) for v in ("dense", "lfuc-plan") for q in ("F16", "phone-i8mm", "BOGUS")]
     cols = {"file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "prompt_ts", "decode_ts_d0",
             "decode_std_d0", "decode_ts_d64", "decode_std_d64", "decode_vs_dense", "pred_tps_phone-i8mm",
-            "pred_tps_phone-dotprod", "pred_tps_rpi5", "arm64_ppl_agree", "status", "error"}
+            "pred_tps_phone-dotprod", "pred_tps_rpi5", "arm64_ppl_agree", "status", "error", "arch"}
     assert cols <= set(rows[0])
     ok = [r for r in rows if r["quant"] != "BOGUS"]
     assert all(r["status"] == "ok" for r in ok), ok
+    assert {r["variant"]: r["arch"] for r in ok} == {"dense": "llama", "lfuc-plan": "dense2moe"}
     for r in ok:
         for c in ("file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "decode_ts_d0", "decode_ts_d64",
                   "pred_tps_phone-i8mm"):

@@ -38,6 +38,7 @@ from ..llamacpp import QEMU, REPO, LlamaCpp
 from ..heal import HealSettings
 from ..options import setting
 from ..quantize import quantize_file, recipe_names
+from ..reader import field as gguf_field, open_gguf
 from .llamabench import bench_args, llama_bench, parse_llama_bench, speed_rows
 from .provenance import provenance
 from .tables import read_provenance_lines, write_table
@@ -300,6 +301,7 @@ def run_matrix(req: MatrixRequest) -> Path:
                     raise D2MError(f"building {v.name} failed: {_fmt_err(src)}")
                 f = build_quant(src, q, req, work, imatrix)
                 row["file"] = str(f)
+                row["arch"] = gguf_field(open_gguf(f), "general.architecture")  # stock llama.cpp runs all but dense2moe
                 row["file_mb"] = round(f.stat().st_size / 1e6, 2)
                 cost = gguf_cost(f, depth=0)
                 row["active_mb_per_token"] = round(cost.total_bytes / 1e6, 2)
@@ -347,7 +349,7 @@ def run_matrix(req: MatrixRequest) -> Path:
     arm64_column(req, rows, files, logs, say)
 
     # 6. tables and plot
-    keys = ["variant", "method", "quant", "status", "file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct",
+    keys = ["variant", "method", "quant", "arch", "status", "file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct",
             "prompt_ts", "decode_ts_d0", "decode_std_d0", f"decode_ts_d{req.deep_depth}",
             f"decode_std_d{req.deep_depth}", "decode_vs_dense", *[f"pred_tps_{d}" for d in PHONES],
             "arm64_ppl_agree", "error", "file"]
