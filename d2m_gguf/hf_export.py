@@ -118,9 +118,14 @@ def _unpadded(model: HybridModel, widths: list[int]) -> HybridModel:
     return out
 
 
-def load_hf_plan(path: Path, n_layer: int) -> FusionPlan:
+def written_by_d2m(path: Path) -> bool:
+    """Whether `path` is a source-class checkpoint `save_hf_checkpoint` wrote (or transformers saved from one)."""
+    return PLAN_KEY in load_config(Path(path))
+
+
+def load_hf_plan(path: Path, n_layer: int | None) -> FusionPlan:
     """The fusion plan saved with the weights (d2m_plan.json, or config.json's d2m_plan after a
-    save_pretrained), validated against the source's depth."""
+    save_pretrained), validated against the source's depth when it is known."""
     plan_file = Path(path) / PLAN_FILE
     if plan_file.is_file():
         return load_plan(plan_file, n_layer)

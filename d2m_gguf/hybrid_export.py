@@ -52,7 +52,7 @@ def add_provenance(writer: gguf.GGUFWriter, plan: FusionPlan, spec: DenseSpec, h
     writer.add_uint32(Keys.FORMAT, FORMAT_VERSION)
     writer.add_string(Keys.SOURCE_MODEL, str(spec.config.get("_name_or_path") or Path(hf_dir).name))
     writer.add_string(Keys.SOURCE_ARCH, spec.hf_architecture)
-    writer.add_uint32(Keys.SOURCE_LAYERS, spec.n_layer)
+    writer.add_uint32(Keys.SOURCE_LAYERS, plan.source_layers)
     writer.add_string(Keys.METHOD, plan.method)
     writer.add_string(Keys.PLAN, plan.dumps())
     if healing:

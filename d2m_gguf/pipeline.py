@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .distill import Budget, E2EConfig, StageLog, distill_e2e, frozen_guests
 from .ggufout import OutType
 from .heal import HealSettings, Healed, block_local_config, heal, write_heal_logs
+from .hf_export import load_hf_checkpoint, load_hf_plan, save_hf_checkpoint, written_by_d2m
 from .hybrid_export import hybrid_tensors
 from .model import HybridModel
 from .options import setting
@@ -92,6 +93,9 @@ class Planned:
 
 def run(req: ConvertRequest) -> dict:
     """The whole job. Returns a summary (also written as OUT.d2m/summary.json)."""
+    if req.student is None and req.plan is None and req.scores is None and written_by_d2m(req.hf_dir):
+        log.info("%s was written by d2m (it carries its fusion plan): writing it as it is", req.hf_dir)
+        req = replace(req, student=req.hf_dir)
     if req.student is not None:
         return export_student(req, load_dense_spec(req.hf_dir))
     inputs = check_inputs(req)
@@ -195,7 +199,6 @@ def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: d
     HF-style checkpoint. Wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed
     reproduce."""
     if req.save_hf:
-        from .hf_export import save_hf_checkpoint
         save_hf_checkpoint(healed.model, healed.plan, spec, req.hf_dir, req.save_hf)
     return export_model(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
                         pre_tokenizer=req.pre_tokenizer, healing=_without_timings(healing), progress=req.progress)
@@ -212,9 +215,8 @@ def _without_timings(value):
 
 def export_student(req: ConvertRequest, spec: DenseSpec) -> dict:
     """Write an upcycled HF-style checkpoint (from --save-hf, or `d2m distill`) as a GGUF."""
-    from .hf_export import load_hf_checkpoint, load_hf_plan
-
-    model, plan = load_hf_checkpoint(req.student), load_hf_plan(req.student, spec.n_layer)
+    source_depth = None if req.student == req.hf_dir else spec.n_layer    # HF_DIR is the result itself
+    model, plan = load_hf_checkpoint(req.student), load_hf_plan(req.student, source_depth)
     choice = export_model(model, plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
                           pre_tokenizer=req.pre_tokenizer, progress=req.progress)
     return {"source": str(req.hf_dir), "student": str(req.student), "output": str(req.out),
@@ -250,8 +252,6 @@ def distill_checkpoint(req: DistillRequest) -> StageLog | None:
     import os
 
     import torch.distributed as dist
-
-    from .hf_export import load_hf_checkpoint, load_hf_plan, save_hf_checkpoint
 
     spec = load_dense_spec(req.teacher)
     ckpt = Checkpoint(req.teacher)

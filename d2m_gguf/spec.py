@@ -126,6 +126,9 @@ def load_dense_spec(hf_dir: Path) -> DenseSpec:
     where = hf_dir / "config.json"
     archs = config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch == "Dense2MoEForCausalLM":
+        raise D2MError(f"{hf_dir}: an upcycled checkpoint in d2m's own layout: write it with `convert.py SOURCE_DIR "
+                       f"OUT.gguf --from-checkpoint {hf_dir}` (SOURCE_DIR: the dense model it came from)")
     if arch not in FAMILIES:
         supported = ", ".join(FAMILIES)
         raise D2MError(f"{where}: architecture {arch!r} is not supported (supported: {supported})")

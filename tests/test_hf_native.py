@@ -16,7 +16,7 @@ import torch
 from d2m_gguf.hf_export import load_hf_checkpoint
 
 from .conftest import run_cli
-from .helpers import nmse
+from .helpers import gguf_diff, nmse
 from .test_stock_export import plan_of
 
 PROMPT = "The capital of France is"
@@ -78,6 +78,13 @@ def check_source_class(source, plan_file, llama, tmp_path, family_class, n_token
     proc = run_cli("convert.py", source, back, "--from-checkpoint", got["resaved"], "--outtype", "f32", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert back.read_bytes() == out.read_bytes()
+    # and alone (`convert.py DIR out.gguf`): written as it is, not planned again; only the names differ
+    alone = tmp_path / "alone.gguf"
+    proc = run_cli("convert.py", got["resaved"], alone, "--outtype", "f32", "--quiet")
+    assert proc.returncode == 0 and "written by d2m" in proc.stderr, proc.stderr
+    d = gguf_diff(out, alone)
+    assert not (d.missing_tensors or d.extra_tensors or d.changed_tensors or d.missing_keys or d.extra_keys), d
+    assert set(d.changed_keys) <= {"general.name", "general.basename", "d2m.source.model"}, d.changed_keys
 
 
 @pytest.mark.parametrize("family,cls", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
