@@ -32,7 +32,7 @@ from .options import setting
 from .plan import FusionPlan, identity_plan, load_plan, plan_summary
 from .planner import PlanRequest, choose_plan
 from .spec import DenseSpec, load_dense_spec
-from .stock_export import ArchChoice, GgufArch, check_arch_reachable, export_model
+from .stock_export import ArchChoice, GgufArch, check_arch_reachable, choose_arch, export_model
 from .upcycle import upcycle
 from .vocab import check_tokenizer
 
@@ -198,6 +198,7 @@ def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: d
     """The GGUF, in the architecture `--gguf-arch` allows (stock_export.choose_arch), and with --save-hf the
     HF-style checkpoint. Wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed
     reproduce."""
+    choose_arch(healed.model.cfg, spec, req.gguf_arch)   # a refusal leaves nothing written, --save-hf included
     if req.save_hf:
         save_hf_checkpoint(healed.model, healed.plan, spec, req.hf_dir, req.save_hf)
     return export_model(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
