@@ -106,7 +106,7 @@ class LlamaCpp:
         return proc.stdout + proc.stderr
 
 
-_PERF_END = re.compile(r"common_perf_print:\s+total time")
+_PERF_END = re.compile(r"common_perf_print:\s+sampling time")   # the first line after the text
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _KV = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers")
 

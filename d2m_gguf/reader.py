@@ -285,8 +285,8 @@ def _stock_config(reader: gguf.GGUFReader) -> tuple[HybridConfig, list[str]]:
     kv_heads = _per_layer(key("attention.head_count_kv", heads), n)
     n_ff = _per_layer(key("feed_forward_length"), n)
     n_embd = key("embedding_length")
-    tokens = field(reader, "tokenizer.ggml.tokens") or []
-    vocab = key("vocab_size", len(tokens), MAX_VOCAB)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")   # qwen2/qwen3 write no vocab_size: count the tokens
+    vocab = key("vocab_size", len(tokens.data) if tokens is not None else None, MAX_VOCAB)
     if len({len(heads), len(kv_heads), len(n_ff), n}) > 1:
         problems.append(f"per-layer arrays of {arch} do not all have {n} entries")
     n_head, n_head_kv = max(heads, default=1) or 1, max(kv_heads, default=1) or 1
@@ -322,7 +322,10 @@ def validate_gguf(path: Path) -> list[str]:
     Not only the first problem: metadata and tensors are both checked, and where the metadata is
     broken the tensors are still checked as far as it describes them (the layers its per-layer
     arrays cover, the shapes its model-wide sizes give)."""
-    reader = open_gguf(path)
+    return _validate(open_gguf(path))
+
+
+def _validate(reader: gguf.GGUFReader) -> list[str]:
     arch = field(reader, "general.architecture")
     tensors = {t.name: t for t in reader.tensors}
     if arch in STOCK_ARCHS:
@@ -378,8 +381,8 @@ def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
     With `emulate_llama_cpp`, every matmul also rounds its input the way llama.cpp's CPU
     kernels do for that weight's type (model.round_activations), so the reference computes
     what llama.cpp computes for a Q8_0/F16/BF16/F32 file, not the float32 ideal."""
-    reader = open_gguf(path)
-    problems = validate_gguf(path)
+    reader = open_gguf(path)   # once: parsing a 49k-token vocabulary takes seconds
+    problems = _validate(reader)
     if problems:
         raise D2MError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     cfg = hybrid_config_from_gguf(reader)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import pytest
 import torch
 
@@ -87,12 +86,16 @@ def _write(hf_dir, plan, out, outtype, gguf_arch):
     return export_model(model, plan, spec, hf_dir, out, OutType(outtype), GgufArch(gguf_arch), progress=False)
 
 
-def assert_same_model_in_both_runtimes(stock_file, twin, llama, llama_stock, text, outtype, ctx, chunks, n_text):
+def assert_same_model_in_both_runtimes(stock_file, twin, llama, llama_stock, text, outtype, ctx, chunks, n_text,
+                                      read_back=True):
     """The weights read back equal; stock llama.cpp's perplexity (and, in f32, greedy text) equal the twin's in
     the patched build, within the module's bounds; the KV cache no larger. Returns the two perplexities."""
-    stock_arch = gguf.GGUFReader(stock_file).fields["general.architecture"].contents()
-    a, b = load_hybrid(stock_file).state_dict(), load_hybrid(twin).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = inspect_gguf(stock_file)     # gguf-py's reader sees the stock architecture
+    stock_arch = info["architecture"]
+    assert stock_arch != "dense2moe" and info["runtime"] == "stock llama.cpp"
+    if read_back:                       # seconds each: gguf-py parses a 49k-token vocabulary per file
+        a, b = load_hybrid(stock_file).state_dict(), load_hybrid(twin).state_dict()   # each validated too
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ppl_stock, log_stock = llama_stock.perplexity(stock_file, text, ctx=ctx, chunks=chunks, extra=["-lv", "4"])
     ppl_twin, log_twin = llama.perplexity(twin, text, ctx=ctx, chunks=chunks, extra=["-lv", "4"])
     print(f"{stock_file.name}: {stock_arch} {ppl_stock} in stock llama.cpp, dense2moe {ppl_twin} in the patched")
@@ -115,17 +118,16 @@ def test_tiny_stock_file_computes_its_dense2moe_twin(tiny_dirs, llama, llama_sto
     hf_dir, plan = tiny_dirs[family], plan_of(kind, method="prune" if kind == "prune" else "attn-prune")
     stock_file, twin = tmp_path / "auto.gguf", tmp_path / "twin.gguf"
     choice = _write(hf_dir, plan, stock_file, outtype, "auto")
-    _write(hf_dir, plan, twin, outtype, "dense2moe")
-    reader_arch = gguf.GGUFReader(stock_file).fields["general.architecture"].contents()
-    assert reader_arch == choice.arch
     if kind == "attn-free" and family == "qwen3":
         assert choice.arch == "dense2moe"
         return
+    _write(hf_dir, plan, twin, outtype, "dense2moe")
     assert choice.arch == (FAMILY_ARCH[family] if kind == "prune" else "deci")
-    assert validate_gguf(stock_file) == [] and inspect_gguf(stock_file)["runtime"] == "stock llama.cpp"
     text = tmp_path / "wiki.txt"
     text.write_text(wikitext.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    assert_same_model_in_both_runtimes(stock_file, twin, llama, llama_stock, text, outtype, 128, 4, 16)
+    # the weights are read back in f32 here and at both types for SmolLM2 below
+    assert_same_model_in_both_runtimes(stock_file, twin, llama, llama_stock, text, outtype, 128, 4, 16,
+                                       read_back=outtype == "f32")
 
 
 def test_a_wide_block_is_padded_exactly(tiny_dirs, llama, llama_stock, wikitext, tmp_path):
@@ -150,7 +152,7 @@ def test_smollm2_pruned_runs_on_stock_llama_cpp(smollm2_dir, llama, llama_stock,
     stock_file, twin = tmp_path / "prune4.gguf", tmp_path / "prune4-twin.gguf"
     assert _write(smollm2_dir, plan, stock_file, outtype, "auto").arch == "llama"
     _write(smollm2_dir, plan, twin, outtype, "dense2moe")
-    assert gguf.GGUFReader(stock_file).fields["llama.block_count"].contents() == 26
+    assert len(inspect_gguf(stock_file)["layers"]) == 26
     text = tmp_path / "wiki.txt"
     text.write_text(wikitext.read_text(encoding="utf-8")[:40000], encoding="utf-8")
     ppl, _ = assert_same_model_in_both_runtimes(stock_file, twin, llama, llama_stock, text, outtype, 512, 4, 32)
