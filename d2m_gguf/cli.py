@@ -174,7 +174,8 @@ CONVERT_GROUPS = {
               help="Tensor type of the GGUF (norms and routers stay f32).")
 @options(ConvertRequest, ("gguf_arch",))
 @click.option("--save-hf", type=click.Path(path_type=Path), default=None,
-              help="Also save the upcycled model as an HF-style checkpoint (safetensors + config) here.")
+              help="Also save the upcycled model as a Hugging Face checkpoint here: the source's transformers "
+                   "class where it computes the model (no remote code), else d2m's own layout.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Where scores, plan, healing curves and summary go [default: OUT.d2m/].")
 @plan_options
