@@ -69,9 +69,9 @@ def analyze(model: HybridModel, chunks: torch.Tensor, batch: int = 4, progress: 
     count = 0
     cos, sin = rope_cos_sin(torch.arange(chunks.shape[1]), model.cfg.head_dim, model.cfg.rope_theta)
     for i in tqdm(range(0, len(chunks), batch), desc="analyze", disable=not progress, leave=False):
-        x = model.token_embd(chunks[i:i + batch])
+        x = model.embed_tokens(chunks[i:i + batch])
         prev_f = None
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(model.layers):
             a, f = block.contributions(x, cos, sin)
             h = x if a is None else x + a
             y = h + f

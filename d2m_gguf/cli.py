@@ -348,7 +348,22 @@ def plan_cmd(hf_dir: Path, scores: Path | None, text: Path | None, ctx: int | No
 
 def _distill_options(fn):
     fn = options(E2EConfig, ("lr", "batch", "kd_weight", "lm_weight"))(fn)
-    return options(DistillRequest, ("minutes", "tokens", "freeze_guests"))(fn)
+    return options(DistillRequest, ("minutes", "tokens", "freeze_guests", "lora"))(fn)
+
+
+def _trainer_arg(ctx, param, values: tuple[str, ...]) -> dict:
+    """`--trainer-arg KEY=VALUE` (repeatable) -> TrainingArguments keywords; VALUE is read as JSON where it parses
+    (numbers, true/false, objects), as a string otherwise."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param=param)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 @main.command("distill")
@@ -359,26 +374,30 @@ def _distill_options(fn):
 @_distill_options
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Matmul precision (weights stay fp32); auto: bf16 on GPUs and CPUs with native bf16.")
+@click.option("--trainer-arg", "trainer_args", multiple=True, callback=_trainer_arg, metavar="KEY=VALUE",
+              help="A further transformers TrainingArguments setting (repeatable), e.g. gradient_checkpointing=true, "
+                   "fsdp='full_shard auto_wrap', deepspeed=ds_config.json.")
 @text_option
 @_calibration_ctx
 @quiet_option
 @verbose_option
 @user_errors
-def distill_cmd(student: Path, out: Path, teacher: Path, precision: str, text: Path | None, quiet: bool,
-                verbose: bool, **settings) -> None:
+def distill_cmd(student: Path, out: Path, teacher: Path, precision: str, trainer_args: dict, text: Path | None,
+                quiet: bool, verbose: bool, **settings) -> None:
     """End-to-end distillation of STUDENT (an upcycled checkpoint from `convert --save-hf`) into OUT.
 
     \b
-    The continued healing of a saved model, on CPU for small budgets; for real budgets on GPUs run it under
-    torchrun (DDP):
+    The continued healing of a saved model, on transformers' Trainer: on CPU for small budgets; for real
+    budgets on GPUs under torchrun or accelerate (DDP, or FSDP / DeepSpeed through --trainer-arg):
       torchrun --nproc-per-node 8 -m d2m_gguf distill STUDENT OUT --teacher HF_DIR --tokens 200000000
-    It checkpoints to OUT/checkpoint.pt and resumes from it; write the result with
-    `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`.
+      accelerate launch -m d2m_gguf distill STUDENT OUT --teacher HF_DIR --tokens 200000000
+    It checkpoints to OUT/checkpoints and resumes from the last one; write the result with
+    `convert.py OUT OUT.gguf` (or `convert.py HF_DIR OUT.gguf --from-checkpoint OUT`).
     """
     from .pipeline import distill_checkpoint
 
     req = from_options(DistillRequest, settings, base=DistillRequest(
-        student=student, teacher=teacher, out=out, text=text,
+        student=student, teacher=teacher, out=out, text=text, trainer_args=trainer_args,
         e2e=from_options(E2EConfig, settings, precision=resolve_precision(precision)), progress=not quiet))
     if settings["ctx"] is not None:
         req.ctx = settings["ctx"]

@@ -72,13 +72,13 @@ def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
     """Inside the `with`, every guest expert (the experts cut from a block's non-host source MLPs) keeps its
     weights while healing trains the rest: their gradients are zeroed, so AdamW without weight decay leaves
     them bit for bit. `enabled=False` changes nothing."""
-    moe_blocks = [(block.ffn, b) for block, b in zip(model.blocks, plan.blocks)
-                  if enabled and isinstance(block.ffn, MoEFFN) and len(b.mlp) > 1]
+    moe_blocks = [(block.mlp, b) for block, b in zip(model.layers, plan.blocks)
+                  if enabled and isinstance(block.mlp, MoEFFN) and len(b.mlp) > 1]
     handles = []
     for moe, b in moe_blocks:
-        mask = torch.ones(moe.ffn_gate_exps.shape[0], 1, 1)
+        mask = torch.ones(moe.experts.gate_proj.shape[0], 1, 1)
         mask[b.split:] = 0.0    # experts [0, split) are the host's (upcycle stacks the host first)
-        for p in (moe.ffn_gate_exps, moe.ffn_up_exps, moe.ffn_down_exps):
+        for p in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
             handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
     try:
         yield
@@ -92,7 +92,7 @@ def frozen_routers(model: HybridModel, enabled: bool = True):
     """Inside the `with`, every router keeps its weights (no gradient). From the `host` initialisation every
     token then takes its block's host, so a routed block heals exactly as the pruned model's dense block does
     (`HealSettings.host_first`). `enabled=False` changes nothing."""
-    routers = [m.ffn_gate_inp for m in model.modules() if enabled and isinstance(m, MoEFFN)]
+    routers = [m.router for m in model.modules() if enabled and isinstance(m, MoEFFN)]
     params = [(p, p.requires_grad) for r in routers for p in r.parameters()]
     for p, _ in params:
         p.requires_grad_(False)
@@ -121,12 +121,12 @@ class TeacherCache:
         cos, sin = rope_cos_sin(torch.arange(t), teacher.cfg.head_dim, teacher.cfg.rope_theta)
         with torch.no_grad():
             for i in tqdm(range(0, n, batch), desc="teacher activations", disable=not progress, leave=False):
-                x = teacher.token_embd(chunks[i:i + batch])
+                x = teacher.embed_tokens(chunks[i:i + batch])
                 for layer in range(last + 1):
                     if layer in self.maps:
                         self.maps[layer][i:i + batch] = x.numpy().astype(np.float16)
                     if layer < last:
-                        x = teacher.blocks[layer](x, cos, sin)
+                        x = teacher.layers[layer](x, cos, sin)
         self.cos, self.sin = cos, sin
 
     def get(self, boundary: int, idx: np.ndarray) -> torch.Tensor:
@@ -141,9 +141,9 @@ class TeacherCache:
 
 def expert_outputs(moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
     """Every expert's output for tokens h [N, D] -> [N, E, D] (training only: computes all of them)."""
-    g = torch.einsum("nd,efd->nef", h, moe.ffn_gate_exps)
-    u = torch.einsum("nd,efd->nef", h, moe.ffn_up_exps)
-    return torch.einsum("nef,edf->ned", F.silu(g) * u, moe.ffn_down_exps)
+    g = torch.einsum("nd,efd->nef", h, moe.experts.gate_proj)
+    u = torch.einsum("nd,efd->nef", h, moe.experts.up_proj)
+    return torch.einsum("nef,edf->ned", F.silu(g) * u, moe.experts.down_proj)
 
 
 def oracle_router_target(outs: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ def moe_train_forward(moe: MoEFFN, h: torch.Tensor, target: torch.Tensor | None,
         rows = torch.randperm(h.shape[0])[:oracle_tokens]
         with torch.no_grad():
             q = oracle_router_target(expert_outputs(moe, h[rows]), target[rows], moe.n_expert_used)
-        logp = torch.log_softmax(moe.ffn_gate_inp(h[rows]), dim=-1)
+        logp = torch.log_softmax(moe.router(h[rows]), dim=-1)
         router = (q * (torch.log(q.clamp_min(1e-9)) - logp)).sum(-1).mean()
     return out, router, balance
 
@@ -186,16 +186,16 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin, router_target: bool = True):
     """(student output, router loss, balance loss) of one block on teacher input x; `router_target=False`
     skips the router's oracle target (every expert's output on a few tokens) when no router learns from it."""
-    a = block.attn(x, cos, sin) if block.has_attention else None
+    a = block.attention(x, cos, sin)
     hres = x if a is None else x + a
-    h = block.ffn_norm(hres)
-    if isinstance(block.ffn, MoEFFN):
+    h = block.post_attention_layernorm(hres)
+    if isinstance(block.mlp, MoEFFN):
         shape = h.shape
         target = (x_out - hres).reshape(-1, shape[-1]).detach() if router_target else None
-        out, router, balance = moe_train_forward(block.ffn, h.reshape(-1, shape[-1]), target)
+        out, router, balance = moe_train_forward(block.mlp, h.reshape(-1, shape[-1]), target)
         return hres + out.reshape(shape), router, balance
     zero = torch.zeros(())
-    return hres + block.ffn(h), zero, zero
+    return hres + block.mlp(h), zero, zero
 
 
 @dataclass
@@ -207,7 +207,7 @@ class RouterFitConfig:
 
 
 def _block_error(block: Block, hres: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> float:
-    return relative_error(hres + block.ffn(h), y).item()
+    return relative_error(hres + block.mlp(h), y).item()
 
 
 def oracle_top1(moe: MoEFFN, hres: torch.Tensor, h: torch.Tensor, y: torch.Tensor, split: int) -> tuple[float, float]:
@@ -234,28 +234,29 @@ def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     report: dict[int, dict] = {}
-    for j, block in enumerate(model.blocks):
-        if not isinstance(block.ffn, MoEFFN):
+    for j, block in enumerate(model.layers):
+        if not isinstance(block.mlp, MoEFFN):
             continue
-        moe = block.ffn
+        moe = block.mlp
         s, e = spans[j]
         idx = rng.choice(n, size=min(n, max(2, -(-cfg.tokens // t))), replace=False)
         with torch.no_grad():
             x, y = cache.get(s, idx), cache.get(e, idx)
-            hres = x + block.attn(x, cache.cos, cache.sin) if block.has_attention else x
+            a = block.attention(x, cache.cos, cache.sin)
+            hres = x if a is None else x + a
             d = hres.shape[-1]
             hres, y = hres.reshape(-1, d), y.reshape(-1, d)
-            h = block.ffn_norm(hres)
+            h = block.post_attention_layernorm(hres)
             q = torch.cat([oracle_router_target(expert_outputs(moe, h[i:i + 512]), (y - hres)[i:i + 512],
                                                 moe.n_expert_used) for i in range(0, len(h), 512)])
         held = len(h) // 5
         train, test = slice(held, None), slice(0, held)
-        before_state = {k: v.clone() for k, v in moe.ffn_gate_inp.state_dict().items()}
+        before_state = {k: v.clone() for k, v in moe.router.state_dict().items()}
         with torch.no_grad():
             before = _block_error(block, hres[test], h[test], y[test])
-        opt = torch.optim.Adam(moe.ffn_gate_inp.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(moe.router.parameters(), lr=cfg.lr)
         for _ in range(cfg.steps):
-            logp = torch.log_softmax(moe.ffn_gate_inp(h[train]), dim=-1)
+            logp = torch.log_softmax(moe.router(h[train]), dim=-1)
             loss = -(q[train] * logp).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -264,7 +265,7 @@ def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
             after = _block_error(block, hres[test], h[test], y[test])
         kept = after < before
         if not kept:
-            moe.ffn_gate_inp.load_state_dict(before_state)
+            moe.router.load_state_dict(before_state)
         report[j] = {"held_out_rel_err_before": round(before, 5), "held_out_rel_err_after": round(after, 5),
                      "kept": kept, "tokens": len(h)}
         if moe.n_expert_used == 1 and moe.normalize:
@@ -336,7 +337,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     log = StageLog("block-local")
     if not blocks:
         return log
-    params = [p for j in blocks for p in model.blocks[j].parameters() if p.requires_grad]
+    params = [p for j in blocks for p in model.layers[j].parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, t = next(iter(cache.maps.values())).shape[:2]
     rng = np.random.default_rng(cfg.seed)
@@ -352,7 +353,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
             s, e = spans[j]
             x, y = cache.get(s, idx), cache.get(e, idx)
             with autocast(model, cfg.precision):
-                out, router, balance = block_train_forward(model.blocks[j], x, y, cache.cos, cache.sin,
+                out, router, balance = block_train_forward(model.layers[j], x, y, cache.cos, cache.sin,
                                                            router_target=cfg.router_weight > 0)
             rel = relative_error(out.float(), y)
             loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
@@ -375,7 +376,7 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
     return log
 
 
-# -- end-to-end distillation ------------------------------------------------------------------------
+# -- end-to-end distillation (trainer.py runs it) ----------------------------------------------------
 
 @dataclass
 class E2EConfig:
@@ -389,96 +390,3 @@ class E2EConfig:
     checkpoint_every: int = 50
     seed: int = 0
     precision: str = field(default_factory=default_precision)
-
-
-def _moe_balance(model: HybridModel) -> torch.Tensor:
-    terms = [m.last_balance for m in model.modules() if isinstance(m, MoEFFN) and m.last_balance is not None]
-    return torch.stack(terms).mean() if terms else torch.zeros(())
-
-
-def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor, budget: Budget,
-                cfg: E2EConfig = E2EConfig(), checkpoint: Path | None = None, progress: bool = True) -> StageLog:
-    """Knowledge distillation of the whole student on the teacher's logits (plus LM loss).
-
-    Runs under torchrun too: with torch.distributed initialised, the student is wrapped
-    in DistributedDataParallel and every rank draws its own batches. `checkpoint` (a
-    file) is written every `checkpoint_every` steps and resumed from when it exists.
-    """
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    if cfg.freeze_embeddings:
-        student.token_embd.weight.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    step, tokens, elapsed = 0, 0, 0.0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
-    device = next(student.parameters()).device
-    net = torch.nn.parallel.DistributedDataParallel(student) if distributed else student
-    log = StageLog("end-to-end")
-    rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
-    started = time.monotonic() - elapsed
-    n, t = chunks.shape
-    teacher.eval()
-    student.train()
-    bar = tqdm(total=budget.tokens, unit="tok", desc="end-to-end distillation", disable=not progress or rank != 0,
-               leave=False, initial=tokens)
-    while not budget.done(tokens, seconds := _agreed_seconds(time.monotonic() - started, distributed, device), step):
-        x = chunks[rng.choice(n, size=min(cfg.batch, n), replace=False)].to(device)
-        with autocast(student, cfg.precision):
-            with torch.no_grad():
-                t_logp = torch.log_softmax(teacher(x)[:, :-1].float(), dim=-1)
-            s_logits = net(x)[:, :-1]
-        s_logp = torch.log_softmax(s_logits.float(), dim=-1)
-        kd = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
-        lm = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), x[:, 1:].reshape(-1))
-        balance = _moe_balance(student)
-        loss = cfg.kd_weight * kd + cfg.lm_weight * lm + cfg.balance_weight * balance
-        frac = budget.fraction_spent(tokens, seconds, step)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        tokens += len(x) * t * (dist.get_world_size() if distributed else 1)
-        bar.update(len(x) * t)
-        if step == 1 or step % cfg.log_every == 0:
-            log.add(step=step, tokens=tokens, seconds=round(time.monotonic() - started, 2), kd=kd.item(),
-                    lm=lm.item(), balance=balance.item(), loss=loss.item())
-        if checkpoint is not None and rank == 0 and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
-    bar.close()
-    student.eval()
-    if cfg.freeze_embeddings:
-        student.token_embd.weight.requires_grad_(True)
-    if checkpoint is not None and rank == 0:
-        _save_checkpoint(checkpoint, student, opt, step, tokens, time.monotonic() - started)
-    log.seconds, log.tokens = time.monotonic() - started, tokens
-    return log
-
-
-def _agreed_seconds(seconds: float, distributed: bool, device: torch.device) -> float:
-    """The healing time every rank of a torchrun job goes by: the longest any rank has measured. Ranks that
-    read their own clocks could stop a step apart (the one that goes on then fails or waits in all-reduce) or
-    set different learning rates (replicas drift apart)."""
-    if not distributed:
-        return seconds
-    import torch.distributed as dist
-
-    agreed = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return agreed.item()
-
-
-def _save_checkpoint(path: Path, model, opt, step: int, tokens: int, seconds: float) -> None:
-    from .atomic import atomic_path
-    with atomic_path(Path(path)) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
-                    "seconds": seconds}, tmp)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .distill import (BlockLocalConfig, Budget, E2EConfig, RouterFitConfig, StageLog, TeacherCache,
-                      block_local_distill, distill_e2e, fit_routers, frozen_guests, frozen_routers)
+                      block_local_distill, fit_routers, frozen_guests, frozen_routers)
 from .model import HybridModel
 from .options import setting
 from .plan import FusionPlan, block_spans, trained_blocks
@@ -160,10 +160,11 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: Dense
                 log.info("before end-to-end healing, unrouted experts dropped (block: source layers): %s",
                          healed.plan.notes["idle_experts_dropped"])
         elif step == "end-to-end" and settings.block_local_fraction < 1:
+            from .trainer import distill_e2e   # transformers' Trainer: seconds to import, only when it runs
             with frozen_guests(healed.model, healed.plan, settings.freeze_guests):
                 healed.logs.append(distill_e2e(healed.model, teacher, chunks,
                                                settings.stage_budget(1 - settings.block_local_fraction),
-                                               settings.e2e, checkpoint=None, progress=progress))
+                                               settings.e2e, checkpoint_dir=None, progress=progress))
         elif step == "drop-idle":
             before = healed.plan
             healed.model, healed.plan, healed.usage = drop_idle(healed.model, healed.plan, spec, chunks,
@@ -230,10 +231,10 @@ def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4) -> di
     with torch.no_grad():
         for i in range(0, len(chunks), batch):
             model(chunks[i:i + batch])
-            for j, block in enumerate(model.blocks):
-                if isinstance(block.ffn, MoEFFN):
-                    sel = block.ffn.last_selection
-                    n = block.ffn.ffn_gate_exps.shape[0]
+            for j, block in enumerate(model.layers):
+                if isinstance(block.mlp, MoEFFN):
+                    sel = block.mlp.last_selection
+                    n = block.mlp.experts.gate_proj.shape[0]
                     counts[j] = counts.get(j, torch.zeros(n)) + torch.bincount(sel.flatten(), minlength=n)
     return {j: (c / c.sum()).tolist() for j, c in counts.items()}
 

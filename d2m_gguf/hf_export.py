@@ -1,8 +1,8 @@
-"""The upcycled model as a Hugging Face checkpoint, for training elsewhere and for the way back to a GGUF.
+"""The upcycled model as a Hugging Face checkpoint that transformers loads and trains, and the way back to a GGUF.
 
 A model that the source family's own architecture computes (every block attention + one dense FFN: pruning,
 LF-UC whose guests were dropped; stock_export.standard_obstacles) is saved as the source's class with fewer
-layers, in transformers' names, so `AutoModelForCausalLM.from_pretrained(out)` loads it with no remote code:
+layers, so `AutoModelForCausalLM.from_pretrained(out)` loads it with no remote code:
 
     out/
       config.json        the source's config with num_hidden_layers / intermediate_size of the result, and
@@ -11,37 +11,44 @@ layers, in transformers' names, so `AutoModelForCausalLM.from_pretrained(out)` l
       d2m_plan.json      the fusion plan
       tokenizer files    copied from the source checkpoint
 
-Any other model (a routed or attention-free block) is saved HF-style for `d2m distill` and `--from-checkpoint`:
-config.json `{"model_type": "dense2moe", ...HybridConfig}`, tensors under their GGUF names.
-`load_hf_checkpoint()` reads either back into the PyTorch reference (d2m_gguf.model).
+Any other model (a routed or attention-free block) is saved as `Dense2MoEForCausalLM`, which loads with
+`trust_remote_code=True` on a machine without d2m_gguf: config.json (`model_type: dense2moe`, `auto_map`,
+per-block `layers`), model.safetensors in the same names (plus mlp.router, mlp.experts.*), and the three
+files of the model's code beside them (model.py, configuration_dense2moe.py, modeling_dense2moe.py).
+`load_hf_checkpoint()` reads either kind (or what transformers' save_pretrained wrote from it) back into
+the PyTorch reference.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .checkpoint import Checkpoint
-from .dense_export import gguf_names
 from .errors import D2MError
-from .model import BlockConfig, HybridConfig, HybridModel, gguf_name, state_key
+from .model import HybridModel, hf_config_dict, hybrid_config_of
 from .plan import FusionPlan, identity_plan, load_plan, parse_plan, validate_plan
-from .spec import DenseSpec, load_config, load_dense_spec
+from .spec import SOURCE_CONFIG_KEY, DenseSpec, load_config, load_dense_spec
 from .stock_export import pad_ffn, standard_obstacles
+from .tensor_names import gguf_name
 from .upcycle import upcycle
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json", "added_tokens.json")
+MODEL_CODE = ("model.py", "configuration_dense2moe.py", "modeling_dense2moe.py")   # shipped with the weights
+DENSE2MOE_CLASS = "Dense2MoEForCausalLM"
+AUTO_MAP = {"AutoConfig": "configuration_dense2moe.Dense2MoEConfig",
+            "AutoModelForCausalLM": f"modeling_dense2moe.{DENSE2MOE_CLASS}"}
 PLAN_FILE = "d2m_plan.json"
 PLAN_KEY = "d2m_plan"      # the plan inside config.json, which save_pretrained keeps
 WIDTHS_KEY = "d2m_feed_forward_length"   # each block's FFN width, where narrower ones were zero-padded
+_SOURCE_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")   # what generate() reads from the config
 
 
 def save_hf_checkpoint(model: HybridModel, plan: FusionPlan, spec: DenseSpec, source_dir: Path, out_dir: Path) -> str:
@@ -55,24 +62,30 @@ def save_hf_checkpoint(model: HybridModel, plan: FusionPlan, spec: DenseSpec, so
     if not standard_obstacles(model.cfg):
         config, tensors = _source_class(model, plan, spec)
     else:
-        config = {"architectures": ["Dense2MoEForCausalLM"], "model_type": "dense2moe",
-                  "source_architecture": spec.hf_architecture, **dataclasses.asdict(model.cfg)}
-        tensors = {gguf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+        config, tensors = _dense2moe_class(model, plan, spec)
+        for name in MODEL_CODE:
+            shutil.copy(Path(__file__).parent / name, out_dir / name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return config["architectures"][0]
 
 
+def _tensors(model: HybridModel, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """The reference's state dict (transformers' names already), float32, FFNs zero-padded to `pad_to`."""
+    out = {}
+    for key, value in model.state_dict().items():
+        data = value.detach().to("cpu", torch.float32)
+        if pad_to is not None:
+            data = torch.from_numpy(pad_ffn(data.numpy(), gguf_name(key), pad_to))
+        out[key] = data.contiguous()
+    return out
+
+
 def _source_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and tensors of `model` as a checkpoint of the source's class."""
     cfg = model.cfg
     width = max(b.n_ff for b in cfg.blocks)
-    state, keys = model.state_dict(), state_key(model)
-    tensors = {}
-    for hf, gguf_tensor in gguf_names(replace(spec, n_layer=cfg.n_layer, n_ff=width)).items():
-        data = state[keys[gguf_tensor]].detach().to("cpu", torch.float32).numpy()
-        tensors[hf] = torch.from_numpy(pad_ffn(data, gguf_tensor, width)).contiguous()
     config = {**spec.config, "num_hidden_layers": cfg.n_layer, "intermediate_size": width,
               PLAN_KEY: json.loads(plan.dumps())}
     if any(b.n_ff != width for b in cfg.blocks):
@@ -82,7 +95,15 @@ def _source_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tupl
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = "float32"
-    return config, tensors
+    return config, _tensors(model, pad_to=width)
+
+
+def _dense2moe_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = {"architectures": [DENSE2MOE_CLASS], "model_type": "dense2moe", "auto_map": AUTO_MAP,
+              **hf_config_dict(model.cfg), "torch_dtype": "float32",
+              **{k: spec.config[k] for k in _SOURCE_KEYS if k in spec.config},
+              SOURCE_CONFIG_KEY: spec.config, PLAN_KEY: json.loads(plan.dumps())}
+    return config, _tensors(model)
 
 
 def load_hf_checkpoint(path: Path) -> HybridModel:
@@ -98,14 +119,21 @@ def load_hf_checkpoint(path: Path) -> HybridModel:
         ckpt.check(spec)
         model = upcycle(spec, ckpt, identity_plan(spec.n_layer))
         return _unpadded(model, config[WIDTHS_KEY]) if WIDTHS_KEY in config else model
-    fields = {f.name for f in dataclasses.fields(HybridConfig)}
-    cfg = HybridConfig(**{k: v for k, v in config.items() if k in fields and k != "blocks"},
-                       blocks=tuple(BlockConfig(**b) for b in config["blocks"]))
-    model = HybridModel(cfg)
-    keys = state_key(model)
-    state = {keys[name]: t for name, t in load_file(str(path / "model.safetensors")).items()}
-    model.load_state_dict(state)
-    return model.to(torch.float32)
+    try:
+        from .configuration_dense2moe import Dense2MoEConfig   # imports transformers: only where needed
+
+        # through the config class: transformers' save_pretrained leaves out values equal to its defaults
+        model = HybridModel(hybrid_config_of(Dense2MoEConfig(**config)))
+    except (KeyError, TypeError) as e:
+        raise D2MError(f"{path}/config.json: not a dense2moe configuration ({e!r} missing or wrong)") from e
+    ckpt = Checkpoint(path)
+    expected = model.state_dict()
+    names = [n for n in ckpt.names() if not (model.cfg.tie_word_embeddings and n == "lm_head.weight")]
+    missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing or unexpected:
+        raise D2MError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict({n: torch.from_numpy(ckpt.get(n).astype("float32")) for n in names})
+    return model
 
 
 def _unpadded(model: HybridModel, widths: list[int]) -> HybridModel:

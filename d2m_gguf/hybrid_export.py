@@ -11,7 +11,8 @@ import gguf
 from .constants import ARCH, FORMAT_VERSION, Keys
 from .ggufout import OutType, TensorOut, tensor_qtype, write_gguf
 from .metadata import add_general
-from .model import HybridConfig, HybridModel, gguf_name
+from .model import HybridConfig, HybridModel
+from .tensor_names import gguf_name
 from .plan import FusionPlan
 from .spec import DenseSpec
 from .vocab import add_vocab

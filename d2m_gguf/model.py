@@ -1,14 +1,18 @@
-"""The dense2moe architecture in plain PyTorch: the reference every llama.cpp number is held against.
+"""The dense2moe architecture in plain PyTorch: the reference every llama.cpp number is held against, and
+the layers of the transformers class (modeling_dense2moe.py) that `--save-hf` ships beside the weights.
 
 A decoder stack whose blocks vary per layer:
 
     x = x + attention(rms_norm(x))          if the block has attention
-    x = x + ffn(rms_norm(x))                a dense SwiGLU MLP, or a mixture of experts:
+    x = x + mlp(rms_norm(x))                a dense SwiGLU MLP, or a mixture of experts:
         p = softmax(router(h));  top-k of p;  optional renormalisation;  sum_k w_k * expert_k(h)
 
-RMSNorm, RoPE in the rotate-half (NEOX) layout, GQA, optional q/k/v bias and q/k
-norm. Module attribute names are the GGUF tensor names (`blocks.3.attn_q.weight`
-is `blk.3.attn_q.weight`), so a state dict and a GGUF file map one to one.
+RMSNorm, RoPE in the rotate-half (NEOX) layout, GQA, optional q/k/v bias and q/k norm. Parameter names
+are transformers' (`model.layers.3.self_attn.q_proj.weight`, `model.layers.3.mlp.router.weight`,
+`model.layers.3.mlp.experts.gate_proj`); tensor_names.py maps them to GGUF names one to one.
+
+This file imports nothing but torch: it is copied into every dense2moe checkpoint, where it runs
+without d2m_gguf.
 """
 
 from __future__ import annotations
@@ -96,9 +100,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    """cos, sin for positions [T] ([T, D]) or per sequence [B, T] ([B, 1, T, D], to meet q [B, H, T, D])."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
+    if positions.dim() == 2:
+        angles = angles[:, None]
     return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
 
 
@@ -110,43 +117,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: HybridConfig):
+    """Self-attention of one block; `cache_index` numbers the blocks that have attention (the KV cache
+    holds entries for those alone)."""
+
+    def __init__(self, cfg: HybridConfig, cache_index: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.cache_index = cache_index
         d, hd = cfg.n_embd, cfg.head_dim
-        self.attn_norm = RMSNorm(d, cfg.rms_eps)
-        self.attn_q = Linear(d, cfg.n_head * hd, bias=cfg.qkv_bias)
-        self.attn_k = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
-        self.attn_v = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
-        self.attn_output = Linear(cfg.n_head * hd, d, bias=cfg.o_bias)
+        self.q_proj = Linear(d, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, cfg.n_head_kv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_head * hd, d, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.attn_q_norm = RMSNorm(hd, cfg.rms_eps)
-            self.attn_k_norm = RMSNorm(hd, cfg.rms_eps)
+            self.q_norm = RMSNorm(hd, cfg.rms_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """h: the normed input [B, T, D]. `mask`: boolean [B, 1, T, S] (True: attend), None for plain causal
+        attention over h alone. `cache`: a transformers Cache (update(k, v, index) -> all keys, values)."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.attn_q(h).view(B, T, cfg.n_head, cfg.head_dim)
-        k = self.attn_k(h).view(B, T, cfg.n_head_kv, cfg.head_dim)
-        v = self.attn_v(h).view(B, T, cfg.n_head_kv, cfg.head_dim)
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, cfg.n_head, cfg.head_dim)
+        k = self.k_proj(h).view(B, T, cfg.n_head_kv, cfg.head_dim)
+        v = self.v_proj(h).view(B, T, cfg.n_head_kv, cfg.head_dim)
         if cfg.qk_norm:
-            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_head != cfg.n_head_kv)
-        return self.attn_output(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        if cache is not None:
+            k, v = cache.update(k, v, self.cache_index)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=cfg.n_head != cfg.n_head_kv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 class DenseFFN(nn.Module):
     def __init__(self, n_embd: int, n_ff: int):
         super().__init__()
-        self.ffn_gate = Linear(n_embd, n_ff, bias=False)
-        self.ffn_up = Linear(n_embd, n_ff, bias=False)
-        self.ffn_down = Linear(n_ff, n_embd, bias=False)
+        self.gate_proj = Linear(n_embd, n_ff, bias=False)
+        self.up_proj = Linear(n_embd, n_ff, bias=False)
+        self.down_proj = Linear(n_ff, n_embd, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
 def load_balance(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -157,6 +173,26 @@ def load_balance(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return n_expert * (routed * probs.mean(0)).sum()
 
 
+class Experts(nn.Module):
+    """The SwiGLU experts of one MoE block, stacked: gate_proj/up_proj [E, F, D], down_proj [E, D, F]."""
+
+    def __init__(self, n_embd: int, n_ff: int, n_expert: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.zeros(n_expert, n_ff, n_embd))
+        self.up_proj = nn.Parameter(torch.zeros(n_expert, n_ff, n_embd))
+        self.down_proj = nn.Parameter(torch.zeros(n_expert, n_embd, n_ff))
+        self.act: dict[str, str | None] = {}   # activation rounding per tensor (round_activations)
+
+    def __len__(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def forward(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for tokens h [N, D]."""
+        g = round_activations(h, self.act.get("gate_proj")) @ self.gate_proj[e].T
+        u = round_activations(h, self.act.get("up_proj")) @ self.up_proj[e].T
+        return round_activations(F.silu(g) * u, self.act.get("down_proj")) @ self.down_proj[e].T
+
+
 class MoEFFN(nn.Module):
     """Softmax router over SwiGLU experts, top-k, llama.cpp's `build_moe_ffn` semantics."""
 
@@ -164,18 +200,10 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.n_expert_used = n_expert_used
         self.normalize = normalize
-        self.ffn_gate_inp = nn.Linear(n_embd, n_expert, bias=True)
-        self.ffn_gate_exps = nn.Parameter(torch.zeros(n_expert, n_ff, n_embd))
-        self.ffn_up_exps = nn.Parameter(torch.zeros(n_expert, n_ff, n_embd))
-        self.ffn_down_exps = nn.Parameter(torch.zeros(n_expert, n_embd, n_ff))
+        self.router = nn.Linear(n_embd, n_expert, bias=True)
+        self.experts = Experts(n_embd, n_ff, n_expert)
         self.last_selection: torch.Tensor | None = None  # [tokens, k] expert ids of the last forward
         self.last_balance: torch.Tensor | None = None    # load-balance loss of the last training forward
-        self.act: dict[str, str | None] = {}              # activation rounding per expert tensor (round_activations)
-
-    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        g = round_activations(h, self.act.get("ffn_gate_exps")) @ self.ffn_gate_exps[e].T
-        u = round_activations(h, self.act.get("ffn_up_exps")) @ self.ffn_up_exps[e].T
-        return round_activations(F.silu(g) * u, self.act.get("ffn_down_exps")) @ self.ffn_down_exps[e].T
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probabilities [N, E], selected experts [N, k], their weights [N, k]) for tokens h [N, D].
@@ -184,12 +212,12 @@ class MoEFFN(nn.Module):
         router no gradient; in training the weight is p / stop_grad(p): still 1, with the
         gradient of log p (straight through), so distillation can teach the router too. A frozen
         router (heal.frozen_routers) learns nothing, so it sends no such gradient into h either."""
-        probs = torch.softmax(self.ffn_gate_inp(h).float(), dim=-1)
+        probs = torch.softmax(self.router(h).float(), dim=-1)
         picked, selected = torch.topk(probs, self.n_expert_used, dim=-1)
         weights = picked
         if self.normalize:
             weights = picked / picked.sum(-1, keepdim=True).clamp_min(_TOPK_SUM_MIN)
-            if self.training and self.n_expert_used == 1 and self.ffn_gate_inp.weight.requires_grad:
+            if self.training and self.n_expert_used == 1 and self.router.weight.requires_grad:
                 weights = weights * picked / picked.detach()
         return probs, selected, weights
 
@@ -201,34 +229,72 @@ class MoEFFN(nn.Module):
         if self.training:
             self.last_balance = load_balance(probs, selected)
         out = torch.zeros_like(h)
-        for e in range(self.ffn_gate_exps.shape[0]):
+        for e in range(len(self.experts)):
             rows, slot = torch.nonzero(selected == e, as_tuple=True)
             if rows.numel():
-                out.index_add_(0, rows, (weights[rows, slot, None] * self.expert(e, h[rows])).to(out.dtype))
+                out.index_add_(0, rows, (weights[rows, slot, None] * self.experts(e, h[rows])).to(out.dtype))
         return out.reshape(shape)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: HybridConfig, bc: BlockConfig):
+    """One decoder block: attention (optional) and an MLP (dense or MoE), each behind an RMSNorm."""
+
+    def __init__(self, cfg: HybridConfig, bc: BlockConfig, cache_index: int = 0):
         super().__init__()
         self.has_attention = bc.attention
         if bc.attention:
-            self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+            self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+            self.self_attn = Attention(cfg, cache_index)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         if bc.is_moe:
-            self.ffn = MoEFFN(cfg.n_embd, bc.n_ff, bc.n_expert, bc.n_expert_used, cfg.normalize_topk)
+            self.mlp = MoEFFN(cfg.n_embd, bc.n_ff, bc.n_expert, bc.n_expert_used, cfg.normalize_topk)
         else:
-            self.ffn = DenseFFN(cfg.n_embd, bc.n_ff)
+            self.mlp = DenseFFN(cfg.n_embd, bc.n_ff)
 
-    def contributions(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """What the block adds to the residual stream: (attention output or None, FFN output)."""
-        a = self.attn(x, cos, sin) if self.has_attention else None
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None):
+        """What the attention adds to the residual stream x, or None in a block without attention."""
+        return self.self_attn(self.input_layernorm(x), cos, sin, mask, cache) if self.has_attention else None
+
+    def contributions(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
+                      cache=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What the block adds to the residual stream: (attention output or None, MLP output)."""
+        a = self.attention(x, cos, sin, mask, cache)
         h = x if a is None else x + a
-        return a, self.ffn(self.ffn_norm(h))
+        return a, self.mlp(self.post_attention_layernorm(h))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a, f = self.contributions(x, cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
+        a, f = self.contributions(x, cos, sin, mask, cache)
         return (x if a is None else x + a) + f
+
+
+class Decoder(nn.Module):
+    """Token embedding, the blocks and the final norm: the residual stream of a dense2moe model."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        cache_index = [sum(b.attention for b in cfg.blocks[:j]) for j in range(cfg.n_layer)]
+        self.layers = nn.ModuleList(Block(cfg, bc, i) for bc, i in zip(cfg.blocks, cache_index))
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.gradient_checkpointing = False   # transformers' gradient_checkpointing_enable() sets it
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask=None, cache=None, upto: int | None = None,
+                states: list | None = None) -> torch.Tensor:
+        """The residual stream after blocks [0, upto) for input embeddings x [B, T, D] at `positions` ([T] or
+        [B, T]); each block's output is appended to `states` when given."""
+        cos, sin = self.rope(positions)
+        for block in self.layers[:upto]:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, mask, cache)
+            else:
+                x = block(x, cos, sin, mask, cache)
+            if states is not None:
+                states.append(x)
+        return x
 
 
 class HybridModel(nn.Module):
@@ -237,29 +303,31 @@ class HybridModel(nn.Module):
     def __init__(self, cfg: HybridConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, bc) for bc in cfg.blocks)
-        self.output_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.model = Decoder(cfg)
         if not cfg.tie_word_embeddings:
-            self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head_act: str | None = None  # activation rounding of the LM head (round_activations)
 
-    def lm_head(self) -> torch.Tensor:
-        return self.token_embd.weight if self.cfg.tie_word_embeddings else self.output.weight
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
 
     def hidden_states(self, tokens: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Residual stream before block 0, after each block (up to block `upto`, exclusive)."""
-        x = self.token_embd(tokens)
-        cos, sin = rope_cos_sin(torch.arange(tokens.shape[1]), self.cfg.head_dim, self.cfg.rope_theta)
-        states = [x]
-        for block in self.blocks[:upto]:
-            x = block(x, cos, sin)
-            states.append(x)
+        states = [self.model.embed_tokens(tokens)]
+        self.model(states[0], torch.arange(tokens.shape[1], device=tokens.device), upto=upto, states=states)
         return states
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.hidden_states(tokens)[-1]
-        return round_activations(self.output_norm(x), self.lm_head_act) @ self.lm_head().T
+        return round_activations(self.model.norm(x), self.lm_head_act) @ self.lm_head_weight().T
 
     @torch.no_grad()
     def generate(self, tokens: list[int], n_new: int, eos: int | None = None) -> list[int]:
@@ -273,17 +341,27 @@ class HybridModel(nn.Module):
         return out
 
 
-# -- state dict <-> GGUF tensor names -------------------------------------------------------
+# -- the configuration in transformers' words ----------------------------------------------------
 
-def gguf_name(key: str) -> str:
-    """'blocks.3.attn.attn_q.weight' -> 'blk.3.attn_q.weight'; 'blocks.3.ffn.ffn_gate_exps' -> '...ffn_gate_exps.weight'."""
-    parts = key.split(".")
-    if parts[0] == "blocks":
-        parts = ["blk", parts[1], *[p for p in parts[2:] if p not in ("attn", "ffn")]]
-    name = ".".join(parts)
-    return name if name.endswith((".weight", ".bias")) else name + ".weight"
+# HybridConfig field -> config.json key (Llama/Qwen names where transformers has one)
+HF_KEYS = {"vocab_size": "vocab_size", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+           "n_head_kv": "num_key_value_heads", "head_dim": "head_dim", "n_ctx_train": "max_position_embeddings",
+           "rms_eps": "rms_norm_eps", "rope_theta": "rope_theta", "qkv_bias": "attention_bias",
+           "o_bias": "attention_output_bias", "qk_norm": "qk_norm", "tie_word_embeddings": "tie_word_embeddings",
+           "normalize_topk": "norm_topk_prob"}
+# BlockConfig field -> key of one entry of config.json's `layers`
+HF_BLOCK_KEYS = {"attention": "attention", "n_ff": "intermediate_size", "n_expert": "num_experts",
+                 "n_expert_used": "num_experts_per_tok"}
 
 
-def state_key(model: HybridModel) -> dict[str, str]:
-    """GGUF name -> state-dict key, for every tensor of `model`."""
-    return {gguf_name(k): k for k in model.state_dict()}
+def hf_config_dict(cfg: HybridConfig) -> dict:
+    """`cfg` as the keys of a transformers config.json (Dense2MoEConfig's arguments)."""
+    out = {hf: getattr(cfg, field) for field, hf in HF_KEYS.items()}
+    out["layers"] = [{hf: getattr(b, field) for field, hf in HF_BLOCK_KEYS.items()} for b in cfg.blocks]
+    return out
+
+
+def hybrid_config_of(config) -> HybridConfig:
+    """The HybridConfig of a Dense2MoEConfig."""
+    blocks = tuple(BlockConfig(**{field: b[hf] for field, hf in HF_BLOCK_KEYS.items()}) for b in config.layers)
+    return HybridConfig(**{field: getattr(config, hf) for field, hf in HF_KEYS.items()}, blocks=blocks)

@@ -22,7 +22,7 @@ from .atomic import check_output_path
 from .checkpoint import Checkpoint
 from .costmodel import get_device
 from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
-from .distill import Budget, E2EConfig, StageLog, distill_e2e, frozen_guests
+from .distill import Budget, E2EConfig, StageLog, frozen_guests
 from .ggufout import OutType
 from .heal import HealSettings, Healed, block_local_config, heal, write_heal_logs
 from .hf_export import load_hf_checkpoint, load_hf_plan, save_hf_checkpoint, written_by_d2m
@@ -224,6 +224,9 @@ def export_student(req: ConvertRequest, spec: DenseSpec) -> dict:
             "plan": plan_summary(plan), "gguf": choice.record()}
 
 
+CHECKPOINTS = "checkpoints"   # `d2m distill`'s Trainer checkpoints, under OUT
+
+
 @dataclass
 class DistillRequest:
     """`d2m distill`: end-to-end distillation of an upcycled HF-style checkpoint against its dense source."""
@@ -238,6 +241,9 @@ class DistillRequest:
     e2e: E2EConfig = field(default_factory=E2EConfig)
     freeze_guests: bool = setting(True, "Keep the guest experts (removed layers' MLPs) as they are in STUDENT, as "
                                   "convert does.", flag="--freeze-guests/--train-guests")
+    lora: int = setting(0, "Train LoRA adapters of this rank on the attention and dense MLP projections instead of "
+                        "the weights, merged into OUT at the end (0: train the weights).", bounds=(0, None))
+    trainer_args: dict = field(default_factory=dict)   # further transformers TrainingArguments (--trainer-arg)
     progress: bool = True
 
     @property
@@ -246,36 +252,31 @@ class DistillRequest:
 
 
 def distill_checkpoint(req: DistillRequest) -> StageLog | None:
-    """Run end-to-end distillation; under `torchrun` every rank trains (DDP), and rank 0 writes and gets the
-    stage's log (the other ranks get None).
+    """Run end-to-end distillation on transformers' Trainer (trainer.py); under torchrun or `accelerate launch`
+    every rank trains, and rank 0 writes and gets the stage's log (the other ranks get None).
 
-    Resumes from OUT/checkpoint.pt when it exists (an interrupted or extended run)."""
+    Trainer checkpoints go to OUT/checkpoints; the last one is resumed from (an interrupted or extended run)."""
     import os
 
     import torch.distributed as dist
+
+    from .trainer import distill_e2e   # transformers' Trainer: seconds to import, only when it runs
 
     spec = load_dense_spec(req.teacher)
     ckpt = Checkpoint(req.teacher)
     ckpt.check(spec)
     student = load_hf_checkpoint(req.student)
     plan = load_hf_plan(req.student, spec.n_layer)
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    teacher = upcycle(spec, ckpt, identity_plan(spec.n_layer)).to(device)
-    student = student.to(device)
+    teacher = upcycle(spec, ckpt, identity_plan(spec.n_layer))
     req.out.mkdir(parents=True, exist_ok=True)
     chunks = calibration(req.teacher, req.text, req.ctx, None)
     with frozen_guests(student, plan, req.freeze_guests):
-        stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint=req.out / "checkpoint.pt",
-                            progress=req.progress)
+        stage = distill_e2e(student, teacher, chunks, req.budget, req.e2e, checkpoint_dir=req.out / CHECKPOINTS,
+                            progress=req.progress, lora_rank=req.lora, trainer_args=req.trainer_args)
+    rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         save_hf_checkpoint(student.cpu(), plan, spec, req.teacher, req.out)
         write_heal_logs([stage], req.out)
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    if own_group:
-        dist.destroy_process_group()
     return stage if rank == 0 else None

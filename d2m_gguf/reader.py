@@ -18,7 +18,8 @@ import torch
 
 from .constants import ARCH, ATTENTION_TENSORS, INTERLEAVED_ROPE_ARCHS, STOCK_ARCHS, Keys, T, runtime_of, tensor_name
 from .errors import D2MError
-from .model import BlockConfig, HybridConfig, HybridModel, state_key
+from .model import BlockConfig, HybridConfig, HybridModel
+from .tensor_names import state_key
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:

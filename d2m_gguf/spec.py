@@ -119,16 +119,30 @@ def load_config(hf_dir: Path) -> dict[str, Any]:
     return config
 
 
+SOURCE_CONFIG_KEY = "d2m_source_config"   # a dense2moe config.json keeps its source's config under this key
+
+
 def load_dense_spec(hf_dir: Path) -> DenseSpec:
     """Read config.json of an HF checkpoint and describe it, or say clearly why not."""
     hf_dir = Path(hf_dir)
     config = load_config(hf_dir)
     where = hf_dir / "config.json"
+    if _architecture(config) == "Dense2MoEForCausalLM":   # an upcycled checkpoint: the spec of its source
+        if not isinstance(config.get(SOURCE_CONFIG_KEY), dict):
+            raise D2MError(f"{where}: a dense2moe checkpoint without {SOURCE_CONFIG_KEY}: write it with `convert.py "
+                           f"SOURCE_DIR OUT.gguf --from-checkpoint {hf_dir}` (SOURCE_DIR: the dense model it came from)")
+        return dense_spec(config[SOURCE_CONFIG_KEY], f"{where} {SOURCE_CONFIG_KEY}")
+    return dense_spec(config, where)
+
+
+def _architecture(config: dict[str, Any]) -> str | None:
     archs = config.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else None
-    if arch == "Dense2MoEForCausalLM":
-        raise D2MError(f"{hf_dir}: an upcycled checkpoint in d2m's own layout: write it with `convert.py SOURCE_DIR "
-                       f"OUT.gguf --from-checkpoint {hf_dir}` (SOURCE_DIR: the dense model it came from)")
+    return archs[0] if isinstance(archs, list) and archs else None
+
+
+def dense_spec(config: dict[str, Any], where) -> DenseSpec:
+    """The DenseSpec of a dense model's config.json contents (`where`: for messages)."""
+    arch = _architecture(config)
     if arch not in FAMILIES:
         supported = ", ".join(FAMILIES)
         raise D2MError(f"{where}: architecture {arch!r} is not supported (supported: {supported})")

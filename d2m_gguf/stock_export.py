@@ -37,7 +37,8 @@ from .errors import D2MError
 from .ggufout import OutType, TensorOut, tensor_nbytes, tensor_qtype, write_gguf
 from .hybrid_export import add_provenance, add_shared_hparams, export_hybrid
 from .metadata import add_general
-from .model import HybridConfig, HybridModel, gguf_name
+from .model import HybridConfig, HybridModel
+from .tensor_names import gguf_name
 from .plan import FusionPlan
 from .spec import DenseSpec
 from .upcycle import hybrid_config

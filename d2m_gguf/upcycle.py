@@ -58,23 +58,18 @@ class _Source:
                 self.layer(i, "mlp.down_proj.weight"))
 
 
-def _copy_attention(dst, src: _Source, i: int, spec: DenseSpec) -> None:
-    dst.attn_norm.weight.copy_(src.layer(i, "input_layernorm.weight"))
-    for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
-        lin = getattr(dst, ours)
-        lin.weight.copy_(src.layer(i, f"self_attn.{theirs}.weight"))
-        if lin.bias is not None:
-            lin.bias.copy_(src.layer(i, f"self_attn.{theirs}.bias"))
-    if spec.qk_norm:
-        dst.attn_q_norm.weight.copy_(src.layer(i, "self_attn.q_norm.weight"))
-        dst.attn_k_norm.weight.copy_(src.layer(i, "self_attn.k_norm.weight"))
+def _copy_attention(dst, src: _Source, i: int) -> None:
+    """Source layer i's attention and its norm into block `dst` (the same names on both sides)."""
+    for key, param in dst.named_parameters():
+        if key.startswith(("input_layernorm.", "self_attn.")):
+            param.copy_(src.layer(i, key))
 
 
 def init_router(moe, plan: FusionPlan, split: int, generator: torch.Generator) -> None:
     """`random`: logits ~ N(0, 1) on unit-RMS input. `host`: always the first source's experts, so the
     block computes exactly what pruning the other sources computes. `fit` starts as `host` (an unhealed
     LF-UC model is the pruned model, never worse) and is fitted by the healing stage (heal.py)."""
-    weight, bias = moe.ffn_gate_inp.weight, moe.ffn_gate_inp.bias
+    weight, bias = moe.router.weight, moe.router.bias
     bias.zero_()
     if plan.router_init in ("host", "fit"):
         weight.zero_()
@@ -91,27 +86,26 @@ def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) 
     src = _Source(ckpt)
     generator = torch.Generator().manual_seed(seed)
 
-    model.token_embd.weight.copy_(src.get("model.embed_tokens.weight"))
-    model.output_norm.weight.copy_(src.get("model.norm.weight"))
-    if not spec.tie_word_embeddings:
-        model.output.weight.copy_(src.get("lm_head.weight"))
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):   # the same names
+        if key in model.state_dict():
+            model.get_parameter(key).copy_(src.get(key))
 
     try:
         healed = set(trained_blocks(plan))
     except D2MError:   # sources not monotonic: block-local healing refuses the plan, so nothing is trained
         healed = set()
-    for j, (block, b) in enumerate(zip(model.blocks, plan.blocks)):
+    for j, (block, b) in enumerate(zip(model.layers, plan.blocks)):
         if b.attention is not None:
-            _copy_attention(block.attn, src, b.attention, spec)
-        ffn = block.ffn
+            _copy_attention(block, src, b.attention)
+        ffn = block.mlp
         if not b.moe and len(b.mlp) == 1 and j not in healed:
             s = b.mlp[0]
-            block.ffn_norm.weight.copy_(src.layer(s, "post_attention_layernorm.weight"))
-            ffn.ffn_gate.weight.copy_(src.layer(s, "mlp.gate_proj.weight"))
-            ffn.ffn_up.weight.copy_(src.layer(s, "mlp.up_proj.weight"))
-            ffn.ffn_down.weight.copy_(src.layer(s, "mlp.down_proj.weight"))
+            block.post_attention_layernorm.weight.copy_(src.layer(s, "post_attention_layernorm.weight"))
+            ffn.gate_proj.weight.copy_(src.layer(s, "mlp.gate_proj.weight"))
+            ffn.up_proj.weight.copy_(src.layer(s, "mlp.up_proj.weight"))
+            ffn.down_proj.weight.copy_(src.layer(s, "mlp.down_proj.weight"))
             continue
-        block.ffn_norm.weight.fill_(1.0)
+        block.post_attention_layernorm.weight.fill_(1.0)
         mlps = [src.mlp(s) for s in b.mlp]
         if b.moe:
             # source m's neurons [c*w, (c+1)*w) become expert m*split + c; scaling its down projection by
@@ -120,18 +114,18 @@ def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) 
             for m, (gate, up, down) in enumerate(mlps):
                 for c in range(b.split):
                     e, rows = m * b.split + c, slice(c * w, (c + 1) * w)
-                    ffn.ffn_gate_exps[e].copy_(gate[rows])
-                    ffn.ffn_up_exps[e].copy_(up[rows])
-                    ffn.ffn_down_exps[e].copy_(down[:, rows] * b.split)
+                    ffn.experts.gate_proj[e].copy_(gate[rows])
+                    ffn.experts.up_proj[e].copy_(up[rows])
+                    ffn.experts.down_proj[e].copy_(down[:, rows] * b.split)
             init_router(ffn, plan, b.split, generator)
         else:  # one wide dense FFN = the sum of the source MLPs
-            ffn.ffn_gate.weight.copy_(torch.cat([m[0] for m in mlps], dim=0))
-            ffn.ffn_up.weight.copy_(torch.cat([m[1] for m in mlps], dim=0))
-            ffn.ffn_down.weight.copy_(torch.cat([m[2] for m in mlps], dim=1))
+            ffn.gate_proj.weight.copy_(torch.cat([m[0] for m in mlps], dim=0))
+            ffn.up_proj.weight.copy_(torch.cat([m[1] for m in mlps], dim=0))
+            ffn.down_proj.weight.copy_(torch.cat([m[2] for m in mlps], dim=1))
     return model
 
 
-_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp.weight", "ffn_gate_inp.bias")
+_EXPERT_TENSORS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "router.weight", "router.bias")
 
 
 def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usage: dict[int, list[float]],
@@ -155,7 +149,7 @@ def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usa
         if len(keep) == len(b.mlp):
             continue
         dropped[str(j)] = [s for e, s in enumerate(b.mlp) if e not in keep]
-        prefix = f"blocks.{j}.ffn."
+        prefix = f"model.layers.{j}.mlp."
         if len(keep) > 1:
             blocks[j] = replace(b, mlp=tuple(b.mlp[e] for e in keep))
             for name in _EXPERT_TENSORS:
@@ -163,8 +157,8 @@ def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usa
             continue
         blocks[j] = BlockPlan(b.attention, (b.mlp[keep[0]],), moe=False)
         for name in ("gate", "up", "down"):
-            state[f"{prefix}ffn_{name}.weight"] = state.pop(f"{prefix}ffn_{name}_exps")[keep[0]]
-        for name in ("ffn_gate_inp.weight", "ffn_gate_inp.bias"):
+            state[f"{prefix}{name}_proj.weight"] = state.pop(f"{prefix}experts.{name}_proj")[keep[0]]
+        for name in ("router.weight", "router.bias"):
             del state[prefix + name]
     if not dropped:
         return model, plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,3 +91,15 @@ def rewrite_gguf(src: Path, dst: Path, set_kv: dict | None = None, drop_tensors:
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def last_progress(distill_out: Path) -> dict:
+    """Tokens, seconds and step of the last Trainer checkpoint `d2m distill` wrote to `distill_out`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from d2m_gguf.pipeline import CHECKPOINTS
+    from d2m_gguf.trainer import PROGRESS_FILE
+
+    last = get_last_checkpoint(str(Path(distill_out) / CHECKPOINTS))
+    assert last is not None, f"no Trainer checkpoint under {distill_out}"
+    return json.loads((Path(last) / PROGRESS_FILE).read_text())

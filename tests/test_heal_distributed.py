@@ -17,6 +17,7 @@ from d2m_gguf.spec import load_dense_spec
 from d2m_gguf.upcycle import upcycle
 
 from .conftest import run_cli
+from .helpers import last_progress
 
 
 def test_heal_under_torchrun_counts_every_rank_and_rank0_writes(tiny_dirs, calibration_text, tmp_path):
@@ -33,32 +34,44 @@ def test_heal_under_torchrun_counts_every_rank_and_rank0_writes(tiny_dirs, calib
         proc = run_cli(*heal, "--tokens", str(tokens))
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("distilled ") == 1 and f"distilled {tokens} tokens" in proc.stdout
-        state = torch.load(healed / "checkpoint.pt", weights_only=False)
+        state = last_progress(healed)
         assert (state["tokens"], state["step"]) == (tokens, steps)
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
     moe = [(j, b.split) for j, b in enumerate(load_hf_plan(up, 6).blocks) if b.moe and len(b.mlp) > 1]
     assert moe
     for j, host in moe:
-        key = f"blocks.{j}.ffn.ffn_up_exps"
+        key = f"model.layers.{j}.mlp.experts.up_proj"
         assert torch.equal(after[key][host:], before[key][host:]) and not torch.equal(after[key], before[key])
 
 
-def _heal_on_a_skewed_clock(rank: int, init_file: str, model_file: str, out_dir: str) -> None:
-    """One rank of a 2-rank gloo job whose clock runs 50x fast on rank 0 (a rank that read its own
-    clock would stop steps before the other, which then waits in all-reduce)."""
+def _heal_on_a_skewed_clock(rank: int, port: int, model_file: str, out_dir: str) -> None:
+    """One rank of a 2-rank gloo job (set up as torchrun sets it up) whose clock runs 50x fast on rank 0 (a
+    rank that read its own clock would stop steps before the other, which then waits in all-reduce)."""
+    import os
+
     import torch.distributed as dist
 
-    from d2m_gguf import distill as heal
+    from d2m_gguf import distill, trainer
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo")
     t0, rate = time.monotonic(), 50.0 if rank == 0 else 1.0
-    heal.time = types.SimpleNamespace(monotonic=lambda: t0 + rate * (time.monotonic() - t0))
+    trainer.time = types.SimpleNamespace(monotonic=lambda: t0 + rate * (time.monotonic() - t0))
     student, teacher = torch.load(model_file, weights_only=False)
     chunks = torch.randint(0, student.cfg.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    log = heal.distill_e2e(student, teacher, chunks, heal.Budget(minutes=0.05),
-                           heal.E2EConfig(batch=2, precision="fp32"), progress=False)
+    log = trainer.distill_e2e(student, teacher, chunks, distill.Budget(minutes=0.05),
+                              distill.E2EConfig(batch=2, precision="fp32"), progress=False)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"tokens": log.tokens}))
     dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_ranks_stop_on_the_same_step_when_their_clocks_disagree(tiny_dirs, tmp_path):
@@ -69,8 +82,9 @@ def test_ranks_stop_on_the_same_step_when_their_clocks_disagree(tiny_dirs, tmp_p
     model = upcycle(spec, Checkpoint(hf), identity_plan(spec.n_layer))
     torch.save((model, model), tmp_path / "models.pt")
     ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
     ranks = [ctx.Process(target=_heal_on_a_skewed_clock,
-                         args=(r, str(tmp_path / "init"), str(tmp_path / "models.pt"), str(tmp_path)))
+                         args=(r, port, str(tmp_path / "models.pt"), str(tmp_path)))
              for r in range(2)]
     for p in ranks:
         p.start()

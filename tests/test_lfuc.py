@@ -13,14 +13,17 @@ from d2m_gguf.analysis import LayerScores, analyze
 from d2m_gguf.checkpoint import Checkpoint
 from d2m_gguf.costmodel import WeightTypes, gguf_cost, load_devices, planned_cost
 from d2m_gguf.data import Tokenizer, perplexity, read_text, token_chunks
-from d2m_gguf.distill import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill, distill_e2e
+from d2m_gguf.distill import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill
 from d2m_gguf.plan import block_spans, identity_plan, parse_plan, trained_blocks
+from d2m_gguf.pipeline import CHECKPOINTS
 from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
 from d2m_gguf.reader import load_hybrid, validate_gguf
 from d2m_gguf.spec import load_dense_spec
+from d2m_gguf.trainer import distill_e2e
 from d2m_gguf.upcycle import hybrid_config, upcycle
 
 from .conftest import run_cli
+from .helpers import last_progress
 
 
 def chunks_of(hf_dir, text, ctx=64, n=16):
@@ -165,12 +168,12 @@ def test_end_to_end_distillation_lowers_kl_and_resumes(tiny_dirs, calibration_te
     teacher = upcycle(spec, Checkpoint(hf), identity_plan(6))
     model = upcycle(spec, Checkpoint(hf), plan)
     chunks = chunks_of(hf, calibration_text, 64, 16)
-    ckpt = tmp_path / "ckpt.pt"
-    cfg = E2EConfig(lr=1e-3, log_every=1, checkpoint_every=5, lm_weight=0.0)
-    log1 = distill_e2e(model, teacher, chunks, Budget(max_steps=10), cfg, checkpoint=ckpt, progress=False)
-    assert torch.load(ckpt, weights_only=False)["step"] == 10
-    resumed = upcycle(spec, Checkpoint(hf), plan)
-    log2 = distill_e2e(resumed, teacher, chunks, Budget(max_steps=20), cfg, checkpoint=ckpt, progress=False)
+    ckpt = tmp_path / CHECKPOINTS
+    cfg = E2EConfig(lr=1e-3, log_every=1, checkpoint_every=5, lm_weight=0.0, precision="fp32")
+    log1 = distill_e2e(model, teacher, chunks, Budget(max_steps=10), cfg, checkpoint_dir=ckpt, progress=False)
+    assert last_progress(tmp_path)["step"] == 10
+    resumed = upcycle(spec, Checkpoint(hf), plan)   # from the upcycled weights: the checkpoint brings the rest
+    log2 = distill_e2e(resumed, teacher, chunks, Budget(max_steps=20), cfg, checkpoint_dir=ckpt, progress=False)
     assert log2.rows[0]["step"] == 11 and log2.tokens == 20 * 4 * 64
     kl = [r["kd"] for r in log1.rows + log2.rows]
     assert np.mean(kl[-5:]) < 0.8 * np.mean(kl[:3])
@@ -195,11 +198,11 @@ def test_frozen_guests_keep_their_pretrained_weights(tiny_dirs, calibration_text
     after = model.state_dict()
     hosts_trained = []
     for j, host_experts in ((1, 2), (2, 1)):
-        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-            key = f"blocks.{j}.ffn.{name}"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            key = f"model.layers.{j}.mlp.experts.{name}"
             assert torch.equal(after[key][host_experts:], before[key][host_experts:]), key
             hosts_trained.append(not torch.equal(after[key][:host_experts], before[key][:host_experts]))
-        for key in (f"blocks.{j}.ffn.ffn_gate_inp.weight", f"blocks.{j}.attn.attn_q.weight"):
+        for key in (f"model.layers.{j}.mlp.router.weight", f"model.layers.{j}.self_attn.q_proj.weight"):
             assert not torch.equal(after[key], before[key]), key
     assert any(hosts_trained)   # (a host that the router no longer picks gets no gradient)
     assert all(p._backward_hooks is None or not p._backward_hooks for p in model.parameters())
@@ -227,9 +230,9 @@ def test_host_first_heals_routed_blocks_as_pruning_does(tiny_dirs, calibration_t
              tmp_path, progress=False)
     assert [log.stage for log in b.logs] == ["block-local"]
     assert b.plan.blocks[1].kind == "attn+dense" and b.plan.notes["idle_experts_dropped"] == {"1": [2]}
-    assert not torch.allclose(a.model.blocks[1].ffn.ffn_gate.weight, start.blocks[1].ffn.ffn_gate.weight)
-    for name in ("ffn.ffn_gate.weight", "ffn.ffn_up.weight", "ffn.ffn_down.weight", "attn.attn_q.weight"):
-        mine, theirs = b.model.blocks[1].get_parameter(name), a.model.blocks[1].get_parameter(name)
+    assert not torch.allclose(a.model.layers[1].mlp.gate_proj.weight, start.layers[1].mlp.gate_proj.weight)
+    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight"):
+        mine, theirs = b.model.layers[1].get_parameter(name), a.model.layers[1].get_parameter(name)
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), name
     fit = heal(upcycle(spec, Checkpoint(hf), parse_plan({**fused, "router_init": "fit"})), teacher,
                parse_plan({**fused, "router_init": "fit"}), spec, chunks, settings, tmp_path, progress=False)
@@ -347,11 +350,11 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
     common = ("--teacher", hf, "--text", calibration_text, "--ctx", "64", "--lr", "1e-3", "--quiet")
     proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--tokens", "2048", "--minutes", "0", *common)
     assert proc.returncode == 0, proc.stderr
-    assert (healed / "checkpoint.pt").is_file() and (healed / "heal.csv").is_file()
-    first = torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"]
+    assert (healed / "heal.csv").is_file()
+    first = last_progress(healed)["tokens"]
     proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--tokens", "4096", "--minutes", "0", *common)  # resumes, goes on
     assert proc.returncode == 0, proc.stderr
-    assert first == 2048 and torch.load(healed / "checkpoint.pt", weights_only=False)["tokens"] == 4096
+    assert first == 2048 and last_progress(healed)["tokens"] == 4096
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # by default the guest experts stay as the student has them and the hosts heal; --train-guests trains them
@@ -364,7 +367,7 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
     moe = [(j, b.split) for j, b in enumerate(load_hf_plan(up, 6).blocks) if b.moe and len(b.mlp) > 1]
     assert moe
     for j, host in moe:
-        key = f"blocks.{j}.ffn.ffn_up_exps"
+        key = f"model.layers.{j}.mlp.experts.up_proj"
         assert torch.equal(after[key][host:], before[key][host:]) and not torch.equal(after[key], before[key])
         assert not torch.equal(retrained[key][host:], before[key][host:])
     proc = run_cli("convert.py", hf, out, "--from-checkpoint", healed, "--outtype", "f32", "--quiet")

@@ -70,11 +70,11 @@ def test_pruned_blocks_that_heal_carry_their_norm_gain_folded(tiny_dirs):
     ckpt = Checkpoint(tiny_dirs["qwen2"])
     gain = torch.from_numpy(ckpt.get("model.layers.1.post_attention_layernorm.weight")).float()
     assert not torch.allclose(gain, torch.ones_like(gain))   # the tiny model's gains are not 1: folding shows
-    healed = model.blocks[1]
-    assert torch.equal(healed.ffn_norm.weight, torch.ones_like(gain))
-    assert torch.equal(healed.ffn.ffn_gate.weight, dense.blocks[1].ffn.ffn_gate.weight * gain)
-    assert torch.equal(model.blocks[2].ffn_norm.weight, dense.blocks[3].ffn_norm.weight)
-    del dense.blocks[2]
+    healed = model.layers[1]
+    assert torch.equal(healed.post_attention_layernorm.weight, torch.ones_like(gain))
+    assert torch.equal(healed.mlp.gate_proj.weight, dense.layers[1].mlp.gate_proj.weight * gain)
+    assert torch.equal(model.layers[2].post_attention_layernorm.weight, dense.layers[3].post_attention_layernorm.weight)
+    del dense.layers[2]
     t = tokens(spec.vocab_size)
     with torch.no_grad():
         assert nmse(model(t).numpy(), dense(t).numpy()) < 1e-10
@@ -91,23 +91,23 @@ def test_idle_experts_are_dropped_and_the_output_is_kept(tiny_dirs):
         {"attention": 3, "mlp": [3, 4, 5], "top_k": 1}]}
     spec, plan, model = build(tiny_dirs["qwen2"], fused)
     t = tokens(spec.vocab_size, 96)
-    moe = model.blocks[2].ffn
+    moe = model.layers[2].mlp
     seen = []
     hook = moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, spec.n_embd)))
     with torch.no_grad():
-        model.blocks[1].ffn.ffn_gate_inp.bias[:] = torch.tensor([-1e4, 0.0])     # layer 2's guest only
+        model.layers[1].mlp.router.bias[:] = torch.tensor([-1e4, 0.0])     # layer 2's guest only
         model(t)
         hook.remove()
-        projection = seen[0] @ moe.ffn_gate_inp.weight[1]                        # host or layer 4's guest, half
-        moe.ffn_gate_inp.weight[0] = 0.0                                         # the tokens each; layer 5's idle
-        moe.ffn_gate_inp.bias[:] = torch.tensor([0.0, -projection.median().item(), -1e4])
+        projection = seen[0] @ moe.router.weight[1]                        # host or layer 4's guest, half
+        moe.router.weight[0] = 0.0                                         # the tokens each; layer 5's idle
+        moe.router.bias[:] = torch.tensor([0.0, -projection.median().item(), -1e4])
     usage = expert_usage(model, t)
     assert usage[1] == [0.0, 1.0] and usage[2][2] == 0.0 and 0.0 < usage[2][1] < 1.0
     dropped, new_plan = drop_idle_experts(model, plan, spec, usage, min_share=0.001)
     assert [b.kind for b in new_plan.blocks] == ["attn+dense", "attn+dense", "attn+moe"]
     assert new_plan.blocks[1].mlp == (2,) and new_plan.blocks[1].attention == 1 and new_plan.blocks[2].mlp == (3, 4)
     assert new_plan.notes["idle_experts_dropped"] == {"1": [1], "2": [5]}
-    assert dropped.blocks[2].ffn.ffn_gate_inp.weight.shape == (2, spec.n_embd)
+    assert dropped.layers[2].mlp.router.weight.shape == (2, spec.n_embd)
     with torch.no_grad():
         assert nmse(dropped(t).numpy(), model(t).numpy()) < 1e-12
     assert drop_idle_experts(model, plan, spec, usage, min_share=0.0) == (model, plan)   # 0 keeps every expert
@@ -129,7 +129,7 @@ def test_moe_routing_follows_topk(tiny_dirs):
     _, _, model = build(tiny_dirs["mistral"], ALL_KINDS)
     with torch.no_grad():
         model(tokens(1024))
-    sel = model.blocks[2].ffn.last_selection
+    sel = model.layers[2].mlp.last_selection
     assert sel.shape[-1] == 2 and set(sel.unique().tolist()) <= {0, 1}
     assert sel.unique().numel() == 2  # a random router routes to both experts
 
@@ -138,7 +138,7 @@ def test_top1_router_learns_from_the_output_loss(tiny_dirs):
     """Top-1 with renormalisation weighs the chosen expert exactly 1, so a loss on the block's output would give
     the router no gradient; in training the weight is p / stop_grad(p): the same output, and a gradient."""
     _, _, model = build(tiny_dirs["llama"], ALL_KINDS)
-    moe = model.blocks[0].ffn
+    moe = model.layers[0].mlp
     assert moe.n_expert_used == 1 and moe.normalize
     h = torch.randn(32, model.cfg.n_embd, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_top1_router_learns_from_the_output_loss(tiny_dirs):
     trained = moe(h)
     assert torch.equal(trained.detach(), served)
     trained.pow(2).sum().backward()
-    assert moe.ffn_gate_inp.weight.grad is not None and moe.ffn_gate_inp.weight.grad.abs().sum() > 0
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -171,7 +171,7 @@ def test_gguf_round_trip_f16_and_router_stays_f32(tiny_dirs, tmp_path):
     export_hybrid(model, plan, spec, tiny_dirs["qwen2"], out, OutType.F16, progress=False)
     back = load_hybrid(out)
     for key, value in model.state_dict().items():
-        expected = value if value.dim() == 1 or "ffn_gate_inp" in key else value.half().float()
+        expected = value if value.dim() == 1 or ".mlp.router." in key else value.half().float()
         assert torch.equal(back.state_dict()[key], expected), key
 
 
