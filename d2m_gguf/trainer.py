@@ -173,6 +173,7 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
     if cfg.freeze_embeddings:
         student.embed_tokens.weight.requires_grad_(False)
     trainable = {p: p.requires_grad for p in student.parameters()}
+    devices = next(student.parameters()).device, next(teacher.parameters()).device   # the Trainer moves them
     model = as_transformers(student)
     if lora_rank:
         model = _with_lora(model, lora_rank)
@@ -205,7 +206,8 @@ def distill_e2e(student: HybridModel, teacher: HybridModel, chunks: torch.Tensor
         model.merge_and_unload()    # the adapters into the student's own linear layers
     for p, was in trainable.items():
         p.requires_grad_(was)
-    student.eval()
+    student.to(devices[0]).eval()
+    teacher.to(devices[1])
     if cfg.freeze_embeddings:
         student.embed_tokens.weight.requires_grad_(True)
     return log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 import time
@@ -29,13 +30,18 @@ def test_heal_under_torchrun_counts_every_rank_and_rank0_writes(tiny_dirs, calib
                    "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
     heal = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "d2m_gguf", "distill", up, healed,
-            "--teacher", hf, "--text", calibration_text, "--ctx", "64", "--batch", "4", "--minutes", "0", "--quiet")
+            "--teacher", hf, "--text", calibration_text, "--ctx", "64", "--batch", "4", "--lr", "1e-3", "--lm-weight", "0", "--minutes",
+            "0", "--quiet")
+    kd = []
     for tokens, steps in ((4096, 8), (8192, 16)):  # 2 ranks x 4 sequences x 64 tokens a step
         proc = run_cli(*heal, "--tokens", str(tokens))
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("distilled ") == 1 and f"distilled {tokens} tokens" in proc.stdout
         state = last_progress(healed)
         assert (state["tokens"], state["step"]) == (tokens, steps)
+        with open(healed / "heal.csv", encoding="utf-8") as f:
+            kd += [float(row["kd"]) for row in csv.DictReader(f)]
+    assert kd[-1] < 0.9 * kd[0]   # the loss falls over the two runs
     before, after = load_hf_checkpoint(up).state_dict(), load_hf_checkpoint(healed).state_dict()
     moe = [(j, b.split) for j, b in enumerate(load_hf_plan(up, 6).blocks) if b.moe and len(b.mlp) > 1]
     assert moe
