@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .analysis import ANALYSIS_SEQUENCES
+from .bench.at_scale import AtScaleRequest
 from .bench.lfuc import CurveRequest, LfucTableRequest
 from .bench.matrix import MATRIX_HEAL_TOKENS, MatrixRequest
 from .distill import PRECISIONS, E2EConfig, resolve_precision
@@ -470,6 +471,26 @@ def bench_lfuc(hf_dir, quiet, verbose, **settings) -> None:
     base = LfucTableRequest(hf_dir=hf_dir, heal=healing_from(settings), progress=not quiet)
     out = lfuc_table(from_options(LfucTableRequest, settings, base=base))
     click.echo((out / "lfuc.md").read_text())
+    click.echo(f"results in {out}")
+
+
+@bench.command("at-scale")
+@click.argument("hf_dir", type=click.Path(path_type=Path), default=Path("models/smollm2-135m-instruct"))
+@options(AtScaleRequest, ("fuse", "tokens", "local_tokens", "nproc", "batch", "precision", "heal_ctx", "outtype",
+                          "ctx", "chunks", "results"))
+@text_option
+@quiet_option
+@verbose_option
+@user_errors
+def bench_at_scale(hf_dir, text, quiet, verbose, **settings) -> None:
+    """Pruning vs LF-UC (route first, trained guests) healed with the same tokens on transformers' Trainer: the
+    GPU comparison (`make gpu-compare`). Each method: convert's healing, then `d2m distill --tokens TOKENS`
+    under torchrun over the GPUs, then WikiText-2 ppl through llama-perplexity, paired chunk by chunk."""
+    from .bench.at_scale import compare_at_scale
+
+    out = compare_at_scale(from_options(AtScaleRequest, settings, base=AtScaleRequest(
+        hf_dir=hf_dir, text=text, progress=not quiet)))
+    click.echo((out / "at_scale.md").read_text())
     click.echo(f"results in {out}")
 
 

@@ -142,10 +142,11 @@ class _BudgetCallback(TrainerCallback):
         clock.seconds = clock.now(self.distributed, args.device)
         tokens = step * clock.tokens_per_step
         self.bar.update(clock.tokens_per_step)
-        if step == 1 or step % self.trainer.heal.log_every == 0:
+        done = self.trainer.budget.done(tokens, clock.seconds, step) or step >= state.max_steps
+        if step == 1 or step % self.trainer.heal.log_every == 0 or done:
             self.log.add(step=step, tokens=tokens, seconds=round(clock.seconds, 2),
                          **{k: v.item() for k, v in self.trainer.last_parts.items()})
-        if self.trainer.budget.done(tokens, clock.seconds, step):
+        if done:
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
         self.log.tokens, self.log.seconds = tokens, clock.seconds

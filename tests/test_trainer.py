@@ -1,7 +1,10 @@
-"""Healing on transformers' Trainer with PEFT LoRA: only the adapters train, and the merged model is a plain
-checkpoint that converts to a GGUF."""
+"""Healing on transformers' Trainer: PEFT LoRA trains only the adapters and the merged model converts to a GGUF;
+the GPU comparison (prune vs LF-UC at the same end-to-end budget) runs end to end at a tiny budget."""
 
 from __future__ import annotations
+
+import csv
+import math
 
 import torch
 
@@ -33,3 +36,23 @@ def test_lora_trains_only_adapters_and_the_merged_model_converts(tiny_dirs, cali
     assert all(torch.equal(reread[k], v) for k, v in after.items())
     text, _ = llama.complete(out, "Hello", n=4)
     assert text.strip()
+
+
+def test_the_gpu_comparison_runs_at_a_tiny_budget_on_cpu(tiny_dirs, calibration_text, wikitext, llama, tmp_path):
+    """`d2m bench at-scale` (make gpu-compare): both methods healed with the same tokens by convert, then end to
+    end on the Trainer, written as GGUFs and compared on the same WikiText chunks."""
+    from d2m_gguf.bench.at_scale import AtScaleRequest, compare_at_scale
+
+    req = AtScaleRequest(hf_dir=tiny_dirs["llama"], fuse=2, tokens=1024, local_tokens=1024, batch=4, heal_ctx=64,
+                         text=calibration_text, precision="fp32", wikitext=wikitext, ctx=128, chunks=4,
+                         results=tmp_path, progress=False)
+    out = compare_at_scale(req, llama)
+    with open(out / "at_scale.csv", encoding="utf-8") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dense", "prune", "lfuc"}
+    for method in ("prune", "lfuc"):
+        assert int(rows[method]["e2e_tokens"]) >= 1024 and float(rows[method]["e2e_tokens_per_s"]) > 0
+        assert math.isfinite(float(rows[method]["ppl"]))
+    ratio, se = rows["lfuc"]["ppl_vs_prune"].split(" ± ")
+    assert float(ratio) > 0 and float(se) >= 0 and rows["lfuc"]["beats_prune"] in ("yes", "no")
+    assert "commit" in (out / "at_scale.md").read_text()
