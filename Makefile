@@ -80,6 +80,7 @@ help:
 	@echo "make arm64     static aarch64 build of the patched tools and llama-cli in $(ARM64_BIN) ($(ARM64_ARCH))"
 	@echo "make bench     the quantization x variant matrix in bench/results/<stamp>/ (QUICK=1: a 5-minute subset)"
 	@echo "make quantize  IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm: a device recipe from quant/"
+	@echo "make gpu-compare  prune vs LF-UC healed with the same 2e7 end-to-end tokens on this machine's GPUs"
 
 # ---- Python environment --------------------------------------------------------------------
 # gguf-py comes from the pinned llama.cpp itself (PyPI's gguf 0.19.0 is an older snapshot of it), so
@@ -228,6 +229,12 @@ BENCH_ARGS ?=
 bench: setup smollm2 llama-tools arm64-tools
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) \
 	  $(VENV)/bin/d2m bench matrix $(SMOLLM2) $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# pruning vs LF-UC healed with the same end-to-end tokens on transformers' Trainer (torchrun over the GPUs):
+# make gpu-compare GPU_COMPARE_ARGS="--fuse 8 --tokens 20000000"
+GPU_COMPARE_ARGS ?=
+gpu-compare: setup smollm2 llama-tools
+	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) $(VENV)/bin/d2m bench at-scale $(SMOLLM2) $(GPU_COMPARE_ARGS)
 
 # a device recipe of quant/ applied to a GGUF: make quantize IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm
 DEVICE ?= host

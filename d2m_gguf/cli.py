@@ -176,7 +176,8 @@ CONVERT_GROUPS = {
 @options(ConvertRequest, ("gguf_arch",))
 @click.option("--save-hf", type=click.Path(path_type=Path), default=None,
               help="Also save the upcycled model as a Hugging Face checkpoint here: the source's transformers "
-                   "class where it computes the model (no remote code), else d2m's own layout.")
+                   "class where it computes the model (no remote code), else Dense2MoEForCausalLM with its code beside "
+                   "the weights (trust_remote_code=True).")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Where scores, plan, healing curves and summary go [default: OUT.d2m/].")
 @plan_options

@@ -233,7 +233,7 @@ class DistillRequest:
 
     student: Path                       # from `d2m convert --save-hf` (or an earlier `d2m distill`)
     teacher: Path                       # the dense HF checkpoint it was made from
-    out: Path                           # the distilled checkpoint (same format), checkpoint.pt, heal.csv/png
+    out: Path                           # the distilled checkpoint (same format), checkpoints/, heal.csv/png
     minutes: float | None = setting(10.0, "Budget in minutes (0: none).")
     tokens: int | None = setting(None, "Budget in training tokens (whichever ends first).")
     text: Path | None = None

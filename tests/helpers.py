@@ -103,3 +103,15 @@ def last_progress(distill_out: Path) -> dict:
     last = get_last_checkpoint(str(Path(distill_out) / CHECKPOINTS))
     assert last is not None, f"no Trainer checkpoint under {distill_out}"
     return json.loads((Path(last) / PROGRESS_FILE).read_text())
+
+
+def upcycled_unhealed(hf_dir: Path, calibration_text: Path, tmp_path: Path) -> Path:
+    """`convert --save-hf` of an LF-UC plan (fuse 2, split 2) with random routers and no healing, so the guest
+    experts get tokens (and gradients, where they are trained) from the start: the student `d2m distill` heals."""
+    from .conftest import run_cli
+
+    up = tmp_path / "upcycled"
+    proc = run_cli("convert.py", hf_dir, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
+                   "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return up

@@ -7,7 +7,6 @@ near-ties and is not compared token by token)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

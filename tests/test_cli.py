@@ -6,9 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
-from .conftest import REPO, run_cli
+from .conftest import run_cli
 
 
 def assert_user_error(proc, *fragments: str, out: Path | None = None) -> None:

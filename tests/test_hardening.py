@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from d2m_gguf.constants import Keys
-from d2m_gguf.reader import field, open_gguf, validate_gguf
+from d2m_gguf.reader import field, open_gguf
 
 from .conftest import REPO, run_cli
 from .helpers import rewrite_gguf

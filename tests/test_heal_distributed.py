@@ -18,17 +18,14 @@ from d2m_gguf.spec import load_dense_spec
 from d2m_gguf.upcycle import upcycle
 
 from .conftest import run_cli
-from .helpers import last_progress
+from .helpers import last_progress, upcycled_unhealed
 
 
 def test_heal_under_torchrun_counts_every_rank_and_rank0_writes(tiny_dirs, calibration_text, tmp_path):
     """Two ranks share the token budget (half the steps of one process), rank 0 alone writes and reports,
     the guests stay frozen across the replicas, and a second run resumes from the checkpoint."""
     hf = tiny_dirs["llama"]
-    up, healed = tmp_path / "upcycled", tmp_path / "healed"
-    proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
-                   "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    up, healed = upcycled_unhealed(hf, calibration_text, tmp_path), tmp_path / "healed"
     heal = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "d2m_gguf", "distill", up, healed,
             "--teacher", hf, "--text", calibration_text, "--ctx", "64", "--batch", "4", "--lr", "1e-3", "--lm-weight", "0", "--minutes",
             "0", "--quiet")

@@ -11,7 +11,7 @@ import torch
 
 from d2m_gguf.analysis import LayerScores, analyze
 from d2m_gguf.checkpoint import Checkpoint
-from d2m_gguf.costmodel import WeightTypes, gguf_cost, load_devices, planned_cost
+from d2m_gguf.costmodel import WeightTypes, load_devices, planned_cost
 from d2m_gguf.data import Tokenizer, perplexity, read_text, token_chunks
 from d2m_gguf.distill import BlockLocalConfig, Budget, E2EConfig, TeacherCache, block_local_distill
 from d2m_gguf.plan import block_spans, identity_plan, parse_plan, trained_blocks
@@ -23,7 +23,7 @@ from d2m_gguf.trainer import distill_e2e
 from d2m_gguf.upcycle import hybrid_config, upcycle
 
 from .conftest import run_cli
-from .helpers import last_progress
+from .helpers import last_progress, upcycled_unhealed
 
 
 def chunks_of(hf_dir, text, ctx=64, n=16):
@@ -342,11 +342,7 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
     from d2m_gguf.hf_export import load_hf_checkpoint
 
     hf = tiny_dirs["llama"]
-    up, healed, out = tmp_path / "upcycled", tmp_path / "healed", tmp_path / "healed.gguf"
-    # random routers, so the guest experts get tokens (and gradients, where they are trained) from the start
-    proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
-                   "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    up, healed, out = upcycled_unhealed(hf, calibration_text, tmp_path), tmp_path / "healed", tmp_path / "healed.gguf"
     common = ("--teacher", hf, "--text", calibration_text, "--ctx", "64", "--lr", "1e-3", "--quiet")
     proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--tokens", "2048", "--minutes", "0", *common)
     assert proc.returncode == 0, proc.stderr

@@ -13,14 +13,12 @@ from d2m_gguf.reader import load_hybrid, validate_gguf
 from d2m_gguf.trainer import LORA_TARGETS
 
 from .conftest import run_cli
+from .helpers import upcycled_unhealed
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_converts(tiny_dirs, calibration_text, llama, tmp_path):
     hf = tiny_dirs["qwen2"]
-    up, healed, out = tmp_path / "upcycled", tmp_path / "lora", tmp_path / "lora.gguf"
-    proc = run_cli("convert.py", hf, tmp_path / "unhealed.gguf", "--fuse", "2", "--split", "2", "--no-heal",
-                   "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    up, healed, out = upcycled_unhealed(hf, calibration_text, tmp_path), tmp_path / "lora", tmp_path / "lora.gguf"
     proc = run_cli("-m", "d2m_gguf", "distill", up, healed, "--teacher", hf, "--text", calibration_text, "--ctx", "64",
                    "--lora", "4", "--lr", "1e-3", "--tokens", "2048", "--minutes", "0", "--quiet")
     assert proc.returncode == 0, proc.stderr
