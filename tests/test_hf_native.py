@@ -71,6 +71,10 @@ torch.save({"logits": logits, "cached": cached, "padded": batch[0, 5:], "unpadde
                                       for a, b in zip(*grads))}, result_file)
 model.save_pretrained(resaved)
 tok.save_pretrained(resaved)
+half = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, trust_remote_code=True)
+with torch.no_grad():
+    bf16 = half(tokens).logits[0].float()
+torch.save({**torch.load(result_file), "bf16": bf16}, result_file)
 '''.replace("PROMPT", repr(PROMPT)).replace("N_NEW", str(N_NEW))
 
 
@@ -100,6 +104,7 @@ def check_transformers_class(source, plan_file, llama, tmp_path, expected_class,
     with torch.no_grad():
         ref = reference(tokens[None])[0]
     assert nmse(got["logits"].numpy(), ref.numpy()) <= 1e-10
+    assert nmse(got["bf16"].numpy(), ref.numpy()) <= 1e-2   # loaded in bf16: bf16's rounding, nothing more
     assert nmse(got["cached"].numpy(), ref[3 * n_tokens // 4:].numpy()) <= 1e-10
     assert nmse(got["padded"].numpy(), ref.numpy()) <= 1e-10 and nmse(got["unpadded"].numpy(), ref.numpy()) <= 1e-10
     assert np.isfinite(got["loss"]) and got["grads_finite"]
