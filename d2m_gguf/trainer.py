@@ -52,6 +52,7 @@ def as_transformers(model: HybridModel) -> Dense2MoEForCausalLM:
     config = Dense2MoEConfig(**hf_config_dict(model.cfg))
     with torch.device("meta"):
         wrapper = Dense2MoEForCausalLM(config)
+    wrapper._auto_class, config._auto_class = "AutoModelForCausalLM", "AutoConfig"   # checkpoints carry the code
     wrapper.model = model.model
     if model.cfg.tie_word_embeddings:
         wrapper.lm_head = nn.Linear(model.cfg.n_embd, model.cfg.vocab_size, bias=False, device="meta")
