@@ -198,11 +198,12 @@ def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: d
     """The GGUF, in the architecture `--gguf-arch` allows (stock_export.choose_arch), and with --save-hf the
     HF-style checkpoint. Wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed
     reproduce."""
-    choose_arch(healed.model.cfg, spec, req.gguf_arch)   # a refusal leaves nothing written, --save-hf included
+    choice = choose_arch(healed.model.cfg, spec, req.gguf_arch)   # a refusal leaves nothing written, --save-hf too
     if req.save_hf:
         save_hf_checkpoint(healed.model, healed.plan, spec, req.hf_dir, req.save_hf)
     return export_model(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
-                        pre_tokenizer=req.pre_tokenizer, healing=_without_timings(healing), progress=req.progress)
+                        pre_tokenizer=req.pre_tokenizer, healing=_without_timings(healing), progress=req.progress,
+                        choice=choice)
 
 
 def _without_timings(value):

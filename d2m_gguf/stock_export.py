@@ -221,9 +221,10 @@ def export_stock(model: HybridModel, choice: ArchChoice, plan: FusionPlan, spec:
 def export_model(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
                  outtype: OutType = OutType.F16, gguf_arch: GgufArch = GgufArch.AUTO,
                  pre_tokenizer: str | None = None, healing: dict[str, Any] | None = None,
-                 progress: bool = True) -> ArchChoice:
-    """Write `model` in the architecture `choose_arch` picks; returns the choice (logged with its reason)."""
-    choice = choose_arch(model.cfg, spec, gguf_arch)
+                 progress: bool = True, choice: ArchChoice | None = None) -> ArchChoice:
+    """Write `model` in the architecture `choose_arch` picks (or `choice`, where the caller made it already);
+    returns the choice (logged with its reason)."""
+    choice = choice or choose_arch(model.cfg, spec, gguf_arch)
     if choice.arch == ARCH:
         export_hybrid(model, plan, spec, hf_dir, out_path, outtype, pre_tokenizer=pre_tokenizer, healing=healing,
                       progress=progress)
