@@ -115,3 +115,16 @@ def upcycled_unhealed(hf_dir: Path, calibration_text: Path, tmp_path: Path) -> P
                    "--router-init", "random", "--save-hf", up, "--text", calibration_text, "--ctx", "64", "--quiet")
     assert proc.returncode == 0, proc.stderr
     return up
+
+
+def assert_gguf_holds(out: Path, state: dict, llama) -> None:
+    """`out` validates, reads back to exactly `state` (a reference state dict) and completes text in llama.cpp."""
+    import torch
+
+    from d2m_gguf.reader import load_hybrid, validate_gguf
+
+    assert validate_gguf(out) == []
+    reread = load_hybrid(out).state_dict()
+    assert all(torch.equal(reread[k], v) for k, v in state.items())
+    text, _ = llama.complete(out, "Hello", n=4)
+    assert text.strip()

@@ -17,13 +17,13 @@ from d2m_gguf.distill import BlockLocalConfig, Budget, E2EConfig, TeacherCache, 
 from d2m_gguf.plan import block_spans, identity_plan, parse_plan, trained_blocks
 from d2m_gguf.pipeline import CHECKPOINTS
 from d2m_gguf.planner import PlanRequest, build_plan, choose_plan
-from d2m_gguf.reader import load_hybrid, validate_gguf
+from d2m_gguf.reader import validate_gguf
 from d2m_gguf.spec import load_dense_spec
 from d2m_gguf.trainer import distill_e2e
 from d2m_gguf.upcycle import hybrid_config, upcycle
 
 from .conftest import run_cli
-from .helpers import last_progress, upcycled_unhealed
+from .helpers import assert_gguf_holds, last_progress, upcycled_unhealed
 
 
 def chunks_of(hf_dir, text, ctx=64, n=16):
@@ -368,11 +368,7 @@ def test_stages_run_alone_upcycle_heal_then_write(tiny_dirs, calibration_text, l
         assert not torch.equal(retrained[key][host:], before[key][host:])
     proc = run_cli("convert.py", hf, out, "--from-checkpoint", healed, "--outtype", "f32", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert validate_gguf(out) == []
-    reread = load_hybrid(out).state_dict()
-    assert all(torch.equal(reread[k], v) for k, v in after.items())
-    text, _ = llama.complete(out, "Hello", n=4)
-    assert text.strip()
+    assert_gguf_holds(out, after, llama)
 
 
 @pytest.mark.slow

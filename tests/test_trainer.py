@@ -9,11 +9,10 @@ import math
 import torch
 
 from d2m_gguf.hf_export import load_hf_checkpoint
-from d2m_gguf.reader import load_hybrid, validate_gguf
 from d2m_gguf.trainer import LORA_TARGETS
 
 from .conftest import run_cli
-from .helpers import upcycled_unhealed
+from .helpers import assert_gguf_holds, upcycled_unhealed
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_converts(tiny_dirs, calibration_text, llama, tmp_path):
@@ -29,11 +28,7 @@ def test_lora_trains_only_adapters_and_the_merged_model_converts(tiny_dirs, cali
     assert all(torch.equal(before[k], after[k]) for k in before.keys() - adapted)   # norms, routers, experts, ...
     proc = run_cli("convert.py", healed, out, "--outtype", "f32", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert validate_gguf(out) == []
-    reread = load_hybrid(out).state_dict()
-    assert all(torch.equal(reread[k], v) for k, v in after.items())
-    text, _ = llama.complete(out, "Hello", n=4)
-    assert text.strip()
+    assert_gguf_holds(out, after, llama)
 
 
 def test_the_gpu_comparison_runs_at_a_tiny_budget_on_cpu(tiny_dirs, calibration_text, wikitext, llama, tmp_path):
