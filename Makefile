@@ -38,7 +38,7 @@ ASAN_BIN    := build/llama.cpp-asan/bin
 # time, so `make test`, `make demo` and `make bench`, which never run it, do not build it.
 HOST_TOOLS  := llama-completion llama-bench llama-perplexity llama-quantize llama-imatrix llama-d2m-logits
 CHAT_TOOLS  := llama-cli
-STOCK_TOOLS := llama-perplexity llama-completion
+STOCK_TOOLS := llama-perplexity llama-completion llama-bench
 ARM64_TOOLS := llama-completion llama-bench llama-perplexity
 # the loader fuzzer (tests/test_fuzz_gguf.py) needs only the logits tool
 ASAN_TOOLS  := llama-d2m-logits
@@ -55,7 +55,7 @@ HOST_CMAKE := $(if $(and $(filter x86_64,$(shell uname -m)),$(filter off,$(LLAMA
 	-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)")
 # the host and stock builds are redone when their flags change, not only when the patches or the pin do
 HOST_HASH  := $(shell echo '$(PATCH_HASH) $(HOST_CMAKE)' | sha256sum | cut -c1-16)
-STOCK_HASH := $(shell echo '$(LLAMA_VER) $(HOST_CMAKE)' | sha256sum | cut -c1-16)
+STOCK_HASH := $(shell echo '$(LLAMA_VER) $(HOST_CMAKE) $(STOCK_TOOLS)' | sha256sum | cut -c1-16)
 
 CCACHE := $(shell command -v ccache 2>/dev/null)
 export CCACHE_DIR     ?= $(CURDIR)/build/.ccache
@@ -224,10 +224,12 @@ demo: setup smollm2 llama-tools
 	for m in dense lfuc; do echo "== $$m"; $(HOST_BIN)/llama-completion -m $(DEMO_OUT)/smollm2-$$m-q8_0.gguf \
 	  -p "The capital of France is" -n 24 --temp 0 -no-cnv 2>/dev/null; echo; done
 
-# the quantization x variant matrix (d2m bench matrix); QUICK=1: dense + a hand-written plan, 3 quant types
+# the quantization x variant x KV-cache matrix at depths 0/1024/4096 and its Pareto fronts (d2m bench matrix);
+# QUICK=1: dense + a hand-written plan, 3 quant types, depths 0/1024. The stock build times dense again.
 BENCH_ARGS ?=
-bench: setup smollm2 llama-tools arm64-tools
+bench: setup smollm2 llama-tools llama-stock arm64-tools
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) \
+	  D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
 	  $(VENV)/bin/d2m bench matrix $(SMOLLM2) $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # pruning vs LF-UC healed with the same end-to-end tokens on transformers' Trainer (torchrun over the GPUs):

@@ -513,16 +513,20 @@ def bench_curve(hf_dir, quiet, verbose, **settings) -> None:
 @bench.command("matrix")
 @click.argument("hf_dir", type=click.Path(path_type=Path), default=Path("models/smollm2-135m-instruct"))
 @click.option("--quick", is_flag=True, help="The QUICK subset (dense + a hand-written LF-UC plan, 3 quant types).")
-@options(MatrixRequest, ("quants", "chunks", "results"))
+@options(MatrixRequest, ("quants", "kv_types", "kv_quants", "deep_quants", "depths", "chunks", "long_chunks",
+                         "results", "publish"))
 @click.option("--heal-tokens", type=int, default=None,
               help=f"Healing budget of the variants in tokens [default: {MATRIX_HEAL_TOKENS}; QUICK 0].")
 @click.option("--with-upcycle", is_flag=True, help="Add plain sparse upcycling rows (full matrix).")
 @verbose_option
 @user_errors
 def bench_matrix(hf_dir, quick, heal_tokens, with_upcycle, verbose, **settings) -> None:
-    """Variants x quant types: size, active bytes, ppl, KLD, top-1, host tok/s, predicted phone tok/s, arm64 check.
+    """Variants x quant types x KV-cache types at three context depths: size, bytes per token, ppl / KLD / top-1 at
+    ctx 512 and 4096, decode tok/s per depth, predicted vs measured speedup, runtime efficiency, the Pareto front
+    per depth, predicted phone tok/s, arm64 check.
 
-    Writes matrix.csv, matrix.md, pareto.png and the tool logs under RESULTS/<timestamp>/."""
+    Writes matrix.csv, matrix.md (headline first), pareto-d<depth>.png and the tool logs under
+    RESULTS/<timestamp>/."""
     from .bench.matrix import MatrixVariant, full_request, quick_request, run_matrix
 
     if not (Path(hf_dir) / "config.json").is_file():

@@ -172,67 +172,150 @@ def test_quantize_unknown_device_is_one_line_exit_2(tiny_d2m_f16, tmp_path):
 # ---- the matrix ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_matrix(tiny_llama, llama, wikitext, calibration_text, tmp_path_factory) -> Path:
+def tiny_matrix(smollm2_dir, llama, wikitext, calibration_text, tmp_path_factory) -> Path:
+    """A tiny qwen3 (head_dim 32: a q8_0 KV cache needs a multiple of its block) through the whole matrix."""
     from d2m_gguf.bench.matrix import MatrixRequest, MatrixVariant, run_matrix
 
+    tiny = make_tiny("qwen3", tmp_path_factory.mktemp("bench-q3") / "tiny", bpe_tokenizer_dir=smollm2_dir,
+                     text_file=calibration_text, train_steps=10)
     req = MatrixRequest(
-        hf_dir=tiny_llama,
-        variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=TINY_PLAN, label="lfuc-plan")),
-        quants=("F16", "phone-i8mm", "BOGUS"), wikitext=wikitext, calibration=calibration_text, ctx=128, chunks=2,
-        heal=HealSettings(tokens=0), deep_depth=64, n_prompt=16, n_gen=8, repetitions=1, deep_repetitions=1,
-        imatrix_chunks=2, qemu_quants=(), results=tmp_path_factory.mktemp("results"), llama=llama)
+        hf_dir=tiny, variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=TINY_PLAN, label="lfuc-plan")),
+        quants=("F16", "phone-i8mm", "BOGUS"), kv_types=("q8_0",), kv_quants=("F16",), deep_quants=("F16", "BOGUS"),
+        depths=(0, 64), wikitext=wikitext, calibration=calibration_text, ctx=128, chunks=2, long_ctx=256,
+        long_chunks=1, heal=HealSettings(tokens=0), n_prompt=16, n_gen=8, repetitions=1, deep_repetitions=1,
+        imatrix_chunks=2, qemu_quants=(), results=tmp_path_factory.mktemp("results"),
+        publish=tmp_path_factory.mktemp("docs") / "matrix", llama=llama)
     return run_matrix(req)
 
 
+def _rows(matrix: Path) -> list[dict]:
+    with open(matrix / "matrix.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_matrix_rows_columns_and_files(tiny_matrix):
-    for name in ("matrix.csv", "matrix.md", "pareto.png", "settings.json"):
+    for name in ("matrix.csv", "matrix.md", "pareto-d0.png", "pareto-d64.png", "settings.json"):
         assert (tiny_matrix / name).is_file(), name
-    with open(tiny_matrix / "matrix.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [(r["variant"], r["quant"]) for r in rows] == [
-        (v, q) for v in ("dense", "lfuc-plan") for q in ("F16", "phone-i8mm", "BOGUS")]
-    cols = {"file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "prompt_ts", "decode_ts_d0",
-            "decode_std_d0", "decode_ts_d64", "decode_std_d64", "decode_vs_dense", "pred_tps_phone-i8mm",
-            "pred_tps_phone-dotprod", "pred_tps_rpi5", "arm64_ppl_agree", "status", "error", "arch"}
+    rows = _rows(tiny_matrix)
+    kinds = [("F16", "f16"), ("F16", "q8_0"), ("phone-i8mm", "f16"), ("BOGUS", "f16")]
+    assert [(r["variant"], r["quant"], r["kv"]) for r in rows] == [
+        (v, q, kv) for v in ("dense", "lfuc-plan") for q, kv in kinds]
+    cols = {"file_mb", "active_mb_per_token", "ppl", "kld", "top1", "ppl_c256", "kld_c256", "top1_c256", "prompt_ts",
+            "decode_ts_d0", "decode_std_d0", "decode_ts_d64", "decode_std_d64", "mb_per_token_d64",
+            "pred_speedup_d64", "speedup_d64", "efficiency_d64", "front_d0", "front_d64", "decode_ts_stock_d64",
+            "efficiency_stock_d64", "pred_tps_phone-i8mm", "pred_tps_phone-dotprod", "pred_tps_rpi5",
+            "arm64_ppl_agree", "status", "error", "arch"}
     assert cols <= set(rows[0])
     ok = [r for r in rows if r["quant"] != "BOGUS"]
     assert all(r["status"] == "ok" for r in ok), ok
-    assert {r["variant"]: r["arch"] for r in ok} == {"dense": "llama", "lfuc-plan": "dense2moe"}
+    assert {r["variant"]: r["arch"] for r in ok} == {"dense": "qwen3", "lfuc-plan": "dense2moe"}
     for r in ok:
-        for c in ("file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct", "decode_ts_d0", "decode_ts_d64",
-                  "pred_tps_phone-i8mm"):
+        for c in ("file_mb", "active_mb_per_token", "ppl", "kld", "top1", "decode_ts_d0", "speedup_d0",
+                  "pred_speedup_d0", "efficiency_d0", "pred_tps_phone-i8mm"):
             assert float(r[c]) >= 0, (c, r)
         assert r["arm64_ppl_agree"] == "not run"
-    by = {(r["variant"], r["quant"]): r for r in rows}
+        deep = r["quant"] == "F16"     # the deep rows: timed at depth 64, scored at ctx 256
+        for c in ("ppl_c256", "kld_c256", "top1_c256", "decode_ts_d64", "speedup_d64", "efficiency_d64"):
+            assert (r[c] != "") == deep, (c, r)
+        assert r["front_d0"] in ("yes", "no")
+        assert r["front_d64"] in (("yes", "no") if deep else ("",)), r
+    by = {(r["variant"], r["quant"], r["kv"]): r for r in rows}
     # the LF-UC model reads fewer bytes per token than the dense one; the quantized file is smaller
-    assert float(by["lfuc-plan", "F16"]["active_mb_per_token"]) < float(by["dense", "F16"]["active_mb_per_token"])
-    assert float(by["dense", "phone-i8mm"]["file_mb"]) < float(by["dense", "F16"]["file_mb"])
-    assert float(by["lfuc-plan", "F16"]["kld_mean"]) > 0    # measured against the dense f16 logits
-    assert float(by["dense", "F16"]["decode_vs_dense"]) == 1.0
+    assert float(by["lfuc-plan", "F16", "f16"]["active_mb_per_token"]) < float(by["dense", "F16", "f16"]["active_mb_per_token"])
+    assert float(by["dense", "phone-i8mm", "f16"]["file_mb"]) < float(by["dense", "F16", "f16"]["file_mb"])
+    assert float(by["lfuc-plan", "F16", "f16"]["kld"]) > 0    # measured against the dense f16 logits
+    assert float(by["lfuc-plan", "F16", "f16"]["kld_c256"]) > 0
+    # a quantized KV cache changes the logits (measured, not copied from the f16 row), reads fewer bytes at depth
+    q8, f16 = by["dense", "F16", "q8_0"], by["dense", "F16", "f16"]
+    assert q8["ppl"] != f16["ppl"] and q8["ppl_c256"] != f16["ppl_c256"]
+    assert float(q8["mb_per_token_d64"]) < float(f16["mb_per_token_d64"])
+    assert float(q8["pred_speedup_d64"]) > 1 and float(f16["pred_speedup_d64"]) == 1.0
+    assert float(f16["speedup_d0"]) == 1.0 and float(f16["speedup_d64"]) == 1.0
+    # the dense rows timed again by the stock build; efficiency = bytes x tok/s / bandwidth for both builds
+    bw = json.loads((tiny_matrix / "settings.json").read_text())["host_bandwidth_gbs"]
+    assert float(f16["decode_ts_stock_d64"]) > 0
+    for build in ("", "stock_"):
+        eff = float(f16[f"efficiency_{build}d64"])
+        assert eff == pytest.approx(float(f16["mb_per_token_d64"]) * 1e6 * float(f16[f"decode_ts_{build}d64"])
+                                    / (bw * 1e9), rel=0.02)
+    assert by["lfuc-plan", "F16", "f16"]["decode_ts_stock_d64"] == ""    # dense2moe: the patched build only
     md = (tiny_matrix / "matrix.md").read_text()
-    assert md.count("\n| ") == 1 + len(rows)
+    assert md.count("\n| ") > 1 + len(rows)       # the per-depth summaries, then the full table
     _assert_provenance(md, json.loads((tiny_matrix / "settings.json").read_text()))
 
 
+def test_matrix_fronts_and_headlines(tiny_matrix):
+    """Every depth's front is the set of rows no other row beats on both axes, and the headline names its
+    methods."""
+    from d2m_gguf.bench.pareto import method_label, pareto_front
+    rows = _rows(tiny_matrix)
+    settings = json.loads((tiny_matrix / "settings.json").read_text())
+    md = (tiny_matrix / "matrix.md").read_text()
+    for d, q in ((0, "ppl"), (64, "ppl_c256")):
+        timed = [r for r in rows if r["status"] == "ok" and r[f"decode_ts_d{d}"] and r[q]]
+        pts = [(float(r[f"decode_ts_d{d}"]), float(r[q])) for r in timed]
+        front = {id(timed[i]) for i in pareto_front(pts)}
+        assert [r[f"front_d{d}"] for r in timed] == ["yes" if id(r) in front else "no" for r in timed]
+        line = next(h for h in settings["headline"] if h.startswith(f"Depth {d} "))
+        on = {method_label(r) for r in timed if r[f"front_d{d}"] == "yes"}
+        off = {method_label(r) for r in timed} - on
+        head, _, tail = line.partition(" rows; ")
+        assert on and all(m in head for m in on) and all(m in tail.split("; ")[-1] for m in off), line
+        assert f"- {line}" in md
+        assert f"### Depth {d}:" in md
+
+
+def test_matrix_is_published(tiny_matrix):
+    dest = Path(json.loads((tiny_matrix / "settings.json").read_text())["publish"])
+    names = ["matrix.md", "matrix.csv", "settings.json", "pareto-d0.png", "pareto-d64.png"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names)
+    assert all((dest / n).read_bytes() == (tiny_matrix / n).read_bytes() for n in names)
+
+
 def test_matrix_records_a_failed_row_and_completes(tiny_matrix):
-    with open(tiny_matrix / "matrix.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    bogus = [r for r in rows if r["quant"] == "BOGUS"]
+    bogus = [r for r in _rows(tiny_matrix) if r["quant"] == "BOGUS"]
     assert len(bogus) == 2 and all(r["status"] == "failed" for r in bogus)
     assert all("unknown quantization type 'BOGUS'" in r["error"] for r in bogus)
-    assert all(r["ppl"] == "" for r in bogus)
+    assert all(r["ppl"] == "" and r["front_d0"] == "" for r in bogus)
 
 
-def test_pareto_png_is_a_valid_png(tiny_matrix):
-    data = (tiny_matrix / "pareto.png").read_bytes()
-    assert data[:8] == PNG_SIGNATURE
+def test_pareto_pngs_are_valid(tiny_matrix):
     import matplotlib.image as mpimg
-    img = mpimg.imread(tiny_matrix / "pareto.png")
-    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    for d in (0, 64):
+        data = (tiny_matrix / f"pareto-d{d}.png").read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        img = mpimg.imread(tiny_matrix / f"pareto-d{d}.png")
+        assert img.ndim == 3 and img.shape[0] > 400 and img.shape[1] > 600
+
+
+def test_prediction_misses_name_row_and_depth():
+    from d2m_gguf.bench.matrix import prediction_misses
+    rows = [{"variant": "prune-8", "quant": "Q4_0", "kv": "f16", "pred_speedup_d0": 1.30, "speedup_d0": 1.10,
+             "pred_speedup_d4096": 1.2, "speedup_d4096": 1.15},
+            {"variant": "dense", "quant": "Q4_0", "kv": "q8_0", "pred_speedup_d0": 1.0, "speedup_d0": 0.8,
+             "pred_speedup_d4096": 1.3, "speedup_d4096": ""}]
+    assert prediction_misses(rows, (0, 4096)) == [
+        "prune-8 Q4_0 at depth 0: predicted x1.30, measured x1.10 (+18%)",
+        "dense Q4_0 + KV q8_0 at depth 0: predicted x1.00, measured x0.80 (+25%)"]
+
+
+def test_row_types_of_plain_and_depth_aware_variants(tmp_path):
+    from d2m_gguf.bench.matrix import MatrixVariant, full_request, quick_request
+    req = full_request(tmp_path)
+    plain = req.row_types(MatrixVariant("prune", 8))
+    assert [q for q, kv in plain if kv == "f16"] == list(req.quants)
+    assert [(q, kv) for q, kv in plain if kv != "f16"] == [("Q4_0", "q8_0"), ("Q4_0", "q4_0")]
+    da = MatrixVariant("lfuc", 8, depth_aware=4096)
+    assert req.row_types(da) == [("F16", "f16"), ("Q4_0", "f16"), ("Q4_0", "q8_0"), ("Q4_0", "q4_0")]
+    assert (da.name, da.series, da.variant.request().depth) == ("lfuc-da-8", "lfuc-da@4096", 4096)
+    assert [v.name for v in req.variants] == ["dense", "prune-8", "lfuc-8", "prune-da-8", "lfuc-da-8"]
+    assert req.quality_of(0) == ("ppl", "WikiText-2 ppl, ctx 512") and req.quality_of(4096)[0] == "ppl_c4096"
+    quick = quick_request(tmp_path)
+    assert quick.depths == (0, 1024) and quick.long_ctx == 1024
 
 
 def test_pareto_front():
-    from d2m_gguf.bench.matrix import pareto_front
+    from d2m_gguf.bench.pareto import pareto_front
     pts = [(10, 5.0), (20, 6.0), (15, 7.0), (5, 4.0), (20, 5.5)]
     assert sorted(pareto_front(pts)) == [0, 3, 4]
 

@@ -31,7 +31,7 @@ from ..planner import PlanRequest
 from .lfuc import versus, wikitext_ppl
 from .provenance import provenance
 from .tables import write_table
-from .variants import cached_build, results_setting
+from .variants import cached_build, results_setting, source_key
 
 log = logging.getLogger("d2m")
 
@@ -117,7 +117,7 @@ def compare_at_scale(req: AtScaleRequest, llama: LlamaCpp | None = None) -> Path
     for method in METHODS:
         name = f"{method}-{req.fuse}"
         upcycled, distilled = work / f"{name}-upcycled", work / f"{name}-distilled"
-        settings = json.dumps({"method": method, "fuse": req.fuse, "heal": repr(heal), "text": str(req.text)})
+        settings = json.dumps({"source": source_key(req.hf_dir), "method": method, "fuse": req.fuse, "heal": repr(heal), "text": str(req.text)})
         cached_build(work / f"{name}-local.gguf", settings, lambda: run(ConvertRequest(
             hf_dir=req.hf_dir, out=work / f"{name}-local.gguf", outtype=req.outtype, text=req.text,
             request=PlanRequest(method=method, fuse=req.fuse), healing=heal, save_hf=upcycled,

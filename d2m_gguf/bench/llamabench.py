@@ -31,16 +31,23 @@ Samples = dict[tuple[str, int, str], list[float]]   # (model file name, depth, "
 
 
 def bench_args(models: Sequence[Path | str], n_prompt: int, n_gen: int, repetitions: int, threads: int,
-               depths: Sequence[int] | None = (0,)) -> list[str]:
-    """llama-bench's arguments for `models` (in this order), JSON output; `depths=None` leaves out -d."""
+               depths: Sequence[int] | None = (0,), extra: Sequence[str] = ()) -> list[str]:
+    """llama-bench's arguments for `models` (in this order), JSON output; `depths=None` leaves out -d; `extra`
+    (e.g. `runtime_args`: KV-cache type and flash attention) goes last."""
     args: list = []
     for m in models:
         args += ["-m", m]
     args += ["-p", n_prompt, "-n", n_gen]
     if depths is not None:
         args += ["-d", ",".join(map(str, depths))]
-    args += ["-r", repetitions, "-t", threads, "-o", "json"]
+    args += ["-r", repetitions, "-t", threads, "-o", "json", *extra]
     return [str(a) for a in args]
+
+
+def runtime_args(kv: str = "f16", flash_attn: str = "on") -> list[str]:
+    """The runtime settings a matrix row is measured with, the same for llama-bench and llama-perplexity: the
+    KV-cache type of keys and values (`-ctk/-ctv`; a quantized V cache needs flash attention) and `-fa`."""
+    return ["-ctk", kv, "-ctv", kv, "-fa", flash_attn]
 
 
 def parse_llama_bench(text: str, into: Samples | None = None) -> Samples:
@@ -76,7 +83,8 @@ def speed_rows(samples: Samples) -> list[SpeedRow]:
 
 
 def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (0,), n_gen: int = 64,
-                n_prompt: int = 128, repetitions: int = 3, log_dir: Path | None = None) -> list[SpeedRow]:
+                n_prompt: int = 128, repetitions: int = 3, log_dir: Path | None = None,
+                extra: Sequence[str] = ()) -> list[SpeedRow]:
     """Decode (and prompt) tokens/s of every model: one llama-bench process in the given order, then one in
     the reverse order, half the repetitions each (rounded up); mean and std over the samples of both.
 
@@ -87,7 +95,7 @@ def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (
     per_order = max(1, math.ceil(repetitions / len(orders)))
     samples: Samples = {}
     for i, order in enumerate(orders):
-        proc = llama.run("llama-bench", bench_args(order, n_prompt, n_gen, per_order, llama.threads, depths))
+        proc = llama.run("llama-bench", bench_args(order, n_prompt, n_gen, per_order, llama.threads, depths, extra))
         if log_dir is not None:
             name = "llama-bench" + ("-reversed" if i else "")
             (log_dir / f"{name}.json").write_text(proc.stdout)
@@ -96,4 +104,4 @@ def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (
     return speed_rows(samples)
 
 
-__all__ = ["SpeedRow", "Samples", "bench_args", "parse_llama_bench", "speed_rows", "llama_bench"]
+__all__ = ["SpeedRow", "Samples", "bench_args", "runtime_args", "parse_llama_bench", "speed_rows", "llama_bench"]

@@ -1,16 +1,23 @@
-"""`make bench`: the quantization x variant matrix (matrix.csv, matrix.md, pareto.png under bench/results/<stamp>/).
+"""`make bench`: the quantization x variant x KV-cache matrix and its Pareto fronts at three context depths
+(matrix.csv, matrix.md, pareto-d<depth>.png under bench/results/<stamp>/).
 
-Rows are (variant, quant type) pairs: dense, layer-pruned baselines, LF-UC variants (optionally plain sparse
-upcycling, optionally a hand-written plan), each at f16, the plain llama-quantize types and the device recipes of
-quant/. Every number is measured by the patched llama.cpp or read off the written GGUF:
+Rows are (variant, weight type, KV-cache type) triples a user could run: dense, layer-pruned baselines, LF-UC
+variants (optionally plain sparse upcycling, a hand-written plan, depth-aware plans at the depth they target),
+each at f16, llama-quantize types and the device recipes of quant/; the `kv_quants` weight types also with a
+quantized KV cache (`-ctk/-ctv`, the stock alternative that shrinks what attention reads at depth). Every
+number is measured by the patched llama.cpp (flash attention on, as its default picks on a CPU) or read off
+the written GGUF:
 
-- quality: one `llama-perplexity` pass per row on WikiText-2 test (ctx 512, a stated number of chunks) against
-  the f16 dense model's saved logits (`--kl-divergence-base` once, then `--kl-divergence` per row): perplexity,
-  mean KLD and top-1 agreement ("Same top p");
-- speed: `llama-bench` over every row at depth 0 (prompt and decode, with the repetitions' spread) and over
-  every row at the deep context (decode only), each in both file orders (llamabench.llama_bench), so ratios within
-  a column hold;
-- cost model: active bytes per token and predicted tok/s on each device profile (d2m_gguf/data/devices.json);
+- quality: `llama-perplexity` on WikiText-2 test against the f16 dense model's saved logits at the same ctx
+  (`--kl-divergence-base` once per ctx, then `--kl-divergence` per row): perplexity, mean KLD and top-1
+  agreement at ctx 512 (every row) and at the long ctx (the `deep_quants` rows), each a stated number of chunks;
+- speed: `llama-bench` decode at depth 0 (every row, with prompt speed) and at the deeper depths (the
+  `deep_quants` rows), one process per KV-cache type in each file order (llamabench.llama_bench), so ratios
+  within a column hold; the dense rows again with the stock build, for the runtime's efficiency;
+- the planner against the measurement: per depth, predicted speedup (roofline on this machine's probed
+  bandwidth) beside the measured one (both against dense at the same weight type with an f16 KV cache), and
+  the efficiency bytes read per token x tok/s / probed bandwidth;
+- the Pareto front per depth (bench/pareto.py): `front_d<depth>` column, a headline sentence, a picture;
 - arm64: for the rows picked (Q4_0 / phone recipe rows; emulation is slow) the static arm64 build's perplexity
   under qemu on a short slice, compared with the host build's on the same slice (within 2%).
 
@@ -31,7 +38,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..costmodel import gguf_cost, load_devices
+from ..costmodel import Device, gguf_cost, host_device, load_devices
 from ..errors import D2MError
 from ..ggufout import OutType
 from ..llamacpp import QEMU, REPO, LlamaCpp
@@ -39,9 +46,10 @@ from ..heal import HealSettings
 from ..options import setting
 from ..quantize import quantize_file, recipe_names
 from ..reader import field as gguf_field, open_gguf
-from .llamabench import bench_args, llama_bench, parse_llama_bench, speed_rows
+from .llamabench import bench_args, llama_bench, parse_llama_bench, runtime_args, speed_rows
+from .pareto import front_rows, headline, measured, num as _num, plot_front, row_label
 from .provenance import provenance
-from .tables import read_provenance_lines, write_table
+from .tables import markdown_table, read_provenance_lines, write_table
 from .variants import Variant, build_plan_variant, build_variant, cached_build, heal_key, results_setting
 
 log = logging.getLogger("d2m")
@@ -50,18 +58,29 @@ PLAIN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_NL")
 RECIPES = ("host", "phone-i8mm", "phone-dotprod", "rpi5")
 KNOWN_QUANTS = set(PLAIN_QUANTS) | {"F32", "BF16", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
                                     "Q4_K_S", "Q5_K_S", "IQ4_XS", "Q4_K", "Q5_K", "Q3_K"}
+# The full matrix's weight types: the f16 reference, the 8-bit and 4-bit k-quant points, the phone types (Q4_0 is
+# what the ARM repack path serves; the recipes of quant/); the other types on request (--quants), to keep the
+# three depths affordable on 2 cores.
+FULL_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_0", "IQ4_NL", "phone-i8mm", "phone-dotprod")
 PHONES = ("phone-i8mm", "phone-i8mm-g2", "phone-dotprod", "rpi5")
 MATRIX_HEAL_TOKENS = 320_000   # half the job's default: each variant heals in a few minutes
+DEPTHS = (0, 1024, 4096)       # decode timing depths (llama-bench -d)
+LONG_CTX = 4096                # the long-context quality ctx
 
 
 @dataclass(frozen=True)
 class MatrixVariant:
-    """A row group: a pipeline variant (method + size) or a hand-written plan."""
+    """A row group: a pipeline variant (method + size, optionally planned depth-aware) or a hand-written plan."""
 
     method: str                 # dense | lfuc | prune | attn-prune | upcycle
     fuse: int = 0
     plan: Path | None = None    # a hand-written plan (examples/plans) instead of the planner
     label: str = ""
+    depth_aware: int | None = None   # planned depth-aware for this context depth: measured on the deep rows only
+
+    @property
+    def variant(self) -> Variant:
+        return Variant(self.method, self.fuse, self.depth_aware)
 
     @property
     def name(self) -> str:
@@ -69,7 +88,12 @@ class MatrixVariant:
             return self.label
         if self.plan is not None:
             return f"{self.method}-{Path(self.plan).stem}"
-        return Variant(self.method, self.fuse).name
+        return self.variant.name
+
+    @property
+    def series(self) -> str:
+        """The method as the plots and headlines name it (depth-aware plans apart from the others)."""
+        return self.variant.label + (f"@{self.depth_aware}" if self.depth_aware is not None else "")
 
 
 # The arm64-vs-host perplexity check (here and in tests/test_arm64.py): 4 x 128 tokens of WikiText. On
@@ -114,46 +138,77 @@ def arm64_check(host: LlamaCpp, arm64: LlamaCpp, model: Path, text: Path, logs: 
 class MatrixRequest:
     hf_dir: Path
     variants: tuple[MatrixVariant, ...]
-    quants: tuple[str, ...] = setting(PLAIN_QUANTS + RECIPES, "Quant types and device recipes (quant/).",
-                                      default_text="all; QUICK F16,Q4_0,phone-i8mm")
+    quants: tuple[str, ...] = setting(FULL_QUANTS, "Quant types and device recipes (quant/).",
+                                      default_text=f"{','.join(FULL_QUANTS)}; QUICK F16,Q4_0,phone-i8mm")
+    kv_types: tuple[str, ...] = setting(("q8_0", "q4_0"), "Quantized KV-cache types (-ctk/-ctv) measured as "
+                                        "alternatives, beside f16, on the --kv-quants rows.")
+    kv_quants: tuple[str, ...] = setting(("Q4_0",), "Weight types also measured with each quantized KV cache.")
+    deep_quants: tuple[str, ...] = setting(("F16", "Q4_0"), "Weight types timed at every depth and scored at the "
+                                           "long ctx (the others: depth 0, ctx 512).")
+    depths: tuple[int, ...] = setting(DEPTHS, "Context depths of the decode timing (llama-bench -d).",
+                                      default_text="0,1024,4096; QUICK 0,1024")
     wikitext: Path | None = None
     calibration: Path | None = None
     ctx: int = 512
     chunks: int = setting(8, "WikiText-2 test chunks of 512 tokens per row.", default_text="8; QUICK 3")
+    long_ctx: int = LONG_CTX
+    long_chunks: int = setting(2, "WikiText-2 test chunks at the long ctx per deep row.", default_text="2; QUICK 1")
     heal: HealSettings = field(default_factory=lambda: HealSettings(tokens=MATRIX_HEAL_TOKENS))
-    deep_depth: int = 2048                # the second decode timing's context depth
     n_prompt: int = 128
     n_gen: int = 64
     repetitions: int = 3
     deep_repetitions: int = 2
+    flash_attn: str = "on"                # what llama.cpp's `auto` picks on a CPU; a quantized V cache needs it
     imatrix_chunks: int = 32              # calibration chunks (ctx 256) for llama-imatrix, one run per variant
     qemu_quants: tuple[str, ...] = ("phone-i8mm", "Q4_0")   # quant types that get the arm64/qemu column
     qemu_max_rows: int = 3                # picked across methods first (dense, lfuc, prune, ...)
     qemu_ctx: int = ARM64_CHECK_CTX
     qemu_chunks: int = ARM64_CHECK_CHUNKS
     arm64_bin: Path | None = None
+    stock_bin: Path | None = None         # the unpatched build (dense rows again, for the runtime's efficiency)
     results: Path = results_setting()
+    publish: Path | None = setting(None, "Also copy matrix.md/.csv, the pictures and settings.json here "
+                                   "(e.g. docs/matrix).")
     llama: LlamaCpp | None = None
     progress: bool = False
     title: str = "d2m quantization matrix"
 
+    def row_types(self, v: MatrixVariant) -> list[tuple[str, str]]:
+        """The (weight type, KV-cache type) rows of a variant: every quant type with an f16 cache, the
+        `kv_quants` also with each quantized cache; a depth-aware variant only its deep rows."""
+        kvs = ("f16", *self.kv_types)
+        pairs = [(q, kv) for q in self.quants for kv in (kvs if q in self.kv_quants else ("f16",))]
+        if v.depth_aware is not None:
+            pairs = [(q, kv) for q, kv in pairs if q in self.deep_quants]
+        return pairs
+
+    def quality_of(self, depth: int) -> tuple[str, str]:
+        """The quality column a depth's front uses, and its name: ctx 512 at depth 0, the long ctx deeper."""
+        if depth == 0:
+            return "ppl", f"WikiText-2 ppl, ctx {self.ctx}"
+        return f"ppl_c{self.long_ctx}", f"WikiText-2 ppl, ctx {self.long_ctx}"
+
 
 def quick_request(hf_dir: Path, **kw) -> MatrixRequest:
-    """`make bench QUICK=1`: dense + the hand-written LF-UC plan (unhealed), three quant types, few chunks."""
+    """`make bench QUICK=1`: dense + the hand-written LF-UC plan (unhealed), three quant types, one quantized KV
+    cache, depths 0 and 1024 (long ctx 1024), few chunks."""
     plan = REPO / "examples" / "plans" / "smollm2-all-kinds.json"
     base = dict(variants=(MatrixVariant("dense"), MatrixVariant("lfuc", plan=plan, label="lfuc-plan")),
-                quants=("F16", "Q4_0", "phone-i8mm"), chunks=3, heal=HealSettings(tokens=0), deep_depth=512,
-                n_prompt=64, n_gen=32, repetitions=2, deep_repetitions=2, imatrix_chunks=8, qemu_max_rows=1,
-                qemu_quants=("phone-i8mm",), title="d2m quantization matrix (QUICK)")
+                quants=("F16", "Q4_0", "phone-i8mm"), kv_types=("q8_0",), depths=(0, 1024), chunks=3,
+                long_ctx=1024, long_chunks=1, heal=HealSettings(tokens=0), n_prompt=64, n_gen=32, repetitions=2,
+                deep_repetitions=2, imatrix_chunks=8, qemu_max_rows=1, qemu_quants=("phone-i8mm",),
+                title="d2m quantization matrix (QUICK)")
     base.update(kw)
     return MatrixRequest(hf_dir=hf_dir, **base)
 
 
 def full_request(hf_dir: Path, **kw) -> MatrixRequest:
-    """The default matrix: dense, the pruning baseline and LF-UC at 8 (320k healing tokens each), every quant type.
-
-    Sized to stay under 45 minutes on 2 cores; other sizes and methods: `d2m bench lfuc` / `curve`."""
-    variants = (MatrixVariant("dense"), MatrixVariant("prune", 8), MatrixVariant("lfuc", 8))
+    """The default matrix: dense, the pruning baseline and LF-UC at 8 (320k healing tokens each), and both planned
+    depth-aware for the deepest depth (same bytes at that depth, same healing), at FULL_QUANTS and the quantized
+    KV caches. Other sizes and methods: `d2m bench lfuc` / `curve`."""
+    deepest = max(kw.get("depths", DEPTHS))
+    variants = (MatrixVariant("dense"), MatrixVariant("prune", 8), MatrixVariant("lfuc", 8),
+                MatrixVariant("prune", 8, depth_aware=deepest), MatrixVariant("lfuc", 8, depth_aware=deepest))
     base = dict(variants=variants)
     base.update(kw)
     return MatrixRequest(hf_dir=hf_dir, **base)
@@ -168,10 +223,11 @@ _BASE_PPL = re.compile(f"{_FINAL_PPL.pattern}|{_MEAN_PPL.pattern}")
 _TOP1 = re.compile(r"Same top p:\s*([0-9.]+)\s*±\s*([0-9.]+)")
 
 
-def kld_base(llama: LlamaCpp, model: Path, text: Path, base: Path, ctx: int, chunks: int, log_file: Path) -> float:
+def kld_base(llama: LlamaCpp, model: Path, text: Path, base: Path, ctx: int, chunks: int, log_file: Path,
+             extra: list[str] = ()) -> float:
     """Perplexity of the reference (f16 dense) and its saved logits for `--kl-divergence`."""
     proc = llama.run_to_the_end("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks,
-                                                     "-t", llama.threads, "--kl-divergence-base", base],
+                                                     "-t", llama.threads, "--kl-divergence-base", base, *extra],
                                 end=_BASE_PPL)
     out = proc.stdout + proc.stderr
     log_file.write_text(out, encoding="utf-8")
@@ -181,11 +237,13 @@ def kld_base(llama: LlamaCpp, model: Path, text: Path, base: Path, ctx: int, chu
     return float(m.group(1) or m.group(2))
 
 
-def kld_row(llama: LlamaCpp, model: Path, base: Path, ctx: int, chunks: int, log_file: Path) -> dict:
-    """Perplexity, mean KLD and top-1 agreement of `model` against the saved reference logits."""
+def kld_row(llama: LlamaCpp, model: Path, base: Path, ctx: int, chunks: int, log_file: Path,
+            extra: list[str] = ()) -> dict:
+    """Perplexity, mean KLD and top-1 agreement of `model` against the saved reference logits (`extra`: the
+    row's runtime settings, e.g. its KV-cache type)."""
     proc = llama.run_to_the_end("llama-perplexity", ["-m", model, "-c", ctx, "--chunks", chunks,
                                                      "-t", llama.threads, "--kl-divergence-base", base,
-                                                     "--kl-divergence"], end=_TOP1)
+                                                     "--kl-divergence", *extra], end=_TOP1)
     out = proc.stdout + proc.stderr
     log_file.write_text(out, encoding="utf-8")
     ppl, kld, top1 = _MEAN_PPL.search(out), _KLD.search(out), _TOP1.search(out)
@@ -200,7 +258,7 @@ def kld_row(llama: LlamaCpp, model: Path, base: Path, ctx: int, chunks: int, log
 def build_f16(v: MatrixVariant, req: MatrixRequest, work: Path) -> Path:
     """The row group's f16 GGUF, from the build cache shared with `bench lfuc` / `bench curve`."""
     if v.plan is None:
-        return build_variant(Variant(v.method, v.fuse), req.hf_dir, work, OutType.F16, req.heal, None, req.progress)
+        return build_variant(v.variant, req.hf_dir, work, OutType.F16, req.heal, None, req.progress)
     return build_plan_variant(v.name, Path(v.plan), req.hf_dir, work, OutType.F16, req.heal, req.progress)
 
 
@@ -238,7 +296,7 @@ def _fmt_err(e: BaseException) -> str:
 
 
 def run_matrix(req: MatrixRequest) -> Path:
-    """Build, quantize and measure every row; write matrix.csv, matrix.md, pareto.png and the tool logs."""
+    """Build, quantize and measure every row; write matrix.csv, matrix.md, pareto-d<depth>.png and the tool logs."""
     from ..data import DEFAULT_CALIBRATION, DEFAULT_EVAL
 
     prov = provenance()
@@ -258,32 +316,51 @@ def run_matrix(req: MatrixRequest) -> Path:
         d.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     files: dict[int, Path] = {}
-    total = len(req.variants) * len(req.quants)
+    total = sum(len(req.row_types(v)) for v in req.variants)
     devices = load_devices()
     f16_of: dict[MatrixVariant, Path | Exception] = {}
     imatrix: dict[Path, Path] = {}
-    base_kld = work / f"kld-base-{_slug(req.wikitext)}-c{req.ctx}-n{req.chunks}.bin"
-    base_ppl: float | None = None
-    base_error: str | None = None
+    # the f16 dense reference at both ctx: (ctx, chunks) -> its saved logits, perplexity or error
+    refs = {(req.ctx, req.chunks): None, (req.long_ctx, req.long_chunks): None}
 
     def say(msg: str) -> None:
         el = time.monotonic() - t0
         print(f"[{el / 60:5.1f} min] {msg}", flush=True)
 
-    # 1. the reference: f16 dense logits on the WikiText slice
+    def runtime(kv: str) -> list[str]:
+        return runtime_args(kv, req.flash_attn)
+
+    # 1. the reference: f16 dense logits on the WikiText slice, at ctx 512 and at the long ctx
     dense = MatrixVariant("dense")
-    try:
-        f16_of[dense] = build_f16(dense, req, work)
-        base_ppl = kld_base(llama, f16_of[dense], req.wikitext, base_kld, req.ctx, req.chunks,
-                            logs / "ppl-kld-base-dense-f16.log")
-        say(f"reference: dense f16 ppl {base_ppl:.3f} (ctx {req.ctx}, {req.chunks} chunks)")
-    except Exception as e:  # noqa: BLE001 - recorded, the rows say why
-        base_error = _fmt_err(e)
-        say(f"reference failed: {base_error}")
-        if dense not in f16_of:
-            f16_of[dense] = e
+    for ctx, chunks in refs:
+        base = work / f"kld-base-{_slug(req.wikitext)}-c{ctx}-n{chunks}-fa{req.flash_attn}.bin"
+        try:
+            if dense not in f16_of:
+                f16_of[dense] = build_f16(dense, req, work)
+            ppl = kld_base(llama, f16_of[dense], req.wikitext, base, ctx, chunks,
+                           logs / f"ppl-kld-base-dense-f16-c{ctx}.log", runtime("f16"))
+            refs[ctx, chunks] = (base, ppl)
+            say(f"reference: dense f16 ppl {ppl:.3f} (ctx {ctx}, {chunks} chunks)")
+        except Exception as e:  # noqa: BLE001 - recorded, the rows say why
+            refs[ctx, chunks] = e
+            say(f"reference at ctx {ctx} failed: {_fmt_err(e)}")
+            if dense not in f16_of:
+                f16_of[dense] = e
+
+    def quality(row: dict, f: Path, ctx: int, chunks: int, suffix: str) -> None:
+        ref = refs[ctx, chunks]
+        if isinstance(ref, Exception):
+            raise D2MError(f"no f16 dense reference at ctx {ctx}: {_fmt_err(ref)}")
+        if row["variant"] == "dense" and row["quant"].upper() == "F16" and row["kv"] == "f16":
+            row.update({f"ppl{suffix}": round(ref[1], 4), f"kld{suffix}": 0.0, f"top1{suffix}": 100.0})
+            return
+        m = kld_row(llama, f, ref[0], ctx, chunks, logs / f"ppl-kld-{f.stem}-kv{row['kv']}-c{ctx}.log",
+                    runtime(row["kv"]))
+        row.update({f"ppl{suffix}": round(m["ppl"], 4), f"kld{suffix}": round(m["kld_mean"], 5),
+                    f"top1{suffix}": round(m["top1_pct"], 2)})
 
     # 2. quality rows
+    long = f"_c{req.long_ctx}"
     i = 0
     for v in req.variants:
         if v not in f16_of:
@@ -292,9 +369,10 @@ def run_matrix(req: MatrixRequest) -> Path:
                 f16_of[v] = build_f16(v, req, work)
             except Exception as e:  # noqa: BLE001
                 f16_of[v] = e
-        for q in req.quants:
+        for q, kv in req.row_types(v):
             i += 1
-            row = {"variant": v.name, "method": v.method, "quant": q, "status": "ok", "error": ""}
+            row = {"variant": v.name, "method": v.method, "series": v.series, "quant": q, "kv": kv,
+                   "deep": q in req.deep_quants, "status": "ok", "error": ""}
             try:
                 src = f16_of[v]
                 if isinstance(src, Exception):
@@ -305,87 +383,136 @@ def run_matrix(req: MatrixRequest) -> Path:
                 row["file_mb"] = round(f.stat().st_size / 1e6, 2)
                 cost = gguf_cost(f, depth=0)
                 row["active_mb_per_token"] = round(cost.total_bytes / 1e6, 2)
-                if v == dense and q.upper() == "F16" and base_ppl is not None:
-                    row.update(ppl=round(base_ppl, 4), kld_mean=0.0, top1_pct=100.0)
-                    row["note"] = "KLD reference"
-                else:
-                    if base_error is not None:
-                        raise D2MError(f"no f16 dense reference: {base_error}")
-                    m = kld_row(llama, f, base_kld, req.ctx, req.chunks, logs / f"ppl-kld-{f.stem}.log")
-                    row.update(ppl=round(m["ppl"], 4), kld_mean=round(m["kld_mean"], 5), top1_pct=round(m["top1_pct"], 2))
+                quality(row, f, req.ctx, req.chunks, "")
+                if row["deep"]:
+                    quality(row, f, req.long_ctx, req.long_chunks, long)
                 for d in PHONES:
                     row[f"pred_tps_{d}"] = round(cost.tokens_per_s(devices[d]), 1)
                 files[len(rows)] = f
-                say(f"row {i}/{total} {v.name} {q}: ok, {row['file_mb']} MB, ppl {row['ppl']}, "
-                    f"KLD {row['kld_mean']}, top-1 {row['top1_pct']}%")
+                say(f"row {i}/{total} {v.name} {q} KV {kv}: ok, {row['file_mb']} MB, ppl {row['ppl']}"
+                    + (f" (ctx {req.long_ctx}: {row['ppl' + long]})" if row["deep"] else "")
+                    + f", KLD {row['kld']}, top-1 {row['top1']}%")
             except Exception as e:  # noqa: BLE001
                 row["status"], row["error"] = "failed", _fmt_err(e)
-                say(f"row {i}/{total} {v.name} {q}: FAILED {row['error']}")
-                (logs / f"failed-{v.name}-{q}.txt").write_text(traceback.format_exc())
+                say(f"row {i}/{total} {v.name} {q} KV {kv}: FAILED {row['error']}")
+                (logs / f"failed-{v.name}-{q}-{kv}.txt").write_text(traceback.format_exc())
             rows.append(row)
 
-    # 3. speed: llama-bench per depth over every good row (in both file orders)
-    ok = {k: f for k, f in files.items() if rows[k]["status"] == "ok"}
-    depths = [(0, req.n_prompt, req.repetitions), (req.deep_depth, 0, req.deep_repetitions)]
-    for depth, n_prompt, reps in depths:
-        say(f"llama-bench: {len(ok)} models at depth {depth} ({reps} repetitions)")
-        speed = bench_all(llama, ok, rows, depth, n_prompt, req.n_gen, reps, logs / f"llama-bench-d{depth}")
-        for k, f in ok.items():
-            s = speed.get(f.name)
-            if s is None:
+    # 3. speed: llama-bench, one process per KV-cache type and depth set, in both file orders
+    host = host_device(llama.threads)
+    say(f"host bandwidth probe: {host.dram_gbs} GB/s")
+    deep = tuple(d for d in req.depths if d > 0)
+    for kv in ("f16", *req.kv_types):
+        group = {k: f for k, f in files.items() if rows[k]["status"] == "ok" and rows[k]["kv"] == kv}
+        plans = [((0,), req.n_prompt, req.repetitions, group)] if 0 in req.depths else []
+        if deep:
+            plans.append((deep, 0, req.deep_repetitions, {k: f for k, f in group.items() if rows[k]["deep"]}))
+        for depths, n_prompt, reps, sub in plans:
+            if not sub:
                 continue
-            if depth == 0:
-                rows[k]["prompt_ts"] = round(s.prompt_ts, 2) if s.prompt_ts else ""
-            rows[k][f"decode_ts_d{depth}"] = round(s.decode_ts, 2)
-            rows[k][f"decode_std_d{depth}"] = round(s.decode_std, 2)
+            say(f"llama-bench: {len(sub)} models, KV {kv}, depth {','.join(map(str, depths))} ({reps} repetitions)")
+            speed = bench_all(llama, sub, rows, depths, n_prompt, req.n_gen, reps,
+                              logs / f"llama-bench-kv{kv}-d{'-'.join(map(str, depths))}", runtime(kv))
+            for k, f in sub.items():
+                for s in (speed.get((f.name, d)) for d in depths):
+                    if s is None:
+                        continue
+                    if s.prompt_ts:
+                        rows[k]["prompt_ts"] = round(s.prompt_ts, 2)
+                    rows[k][f"decode_ts_d{s.depth}"] = round(s.decode_ts, 2)
+                    rows[k][f"decode_std_d{s.depth}"] = round(s.decode_std, 2)
+    stock_column(req, rows, files, logs, say, runtime("f16"))
 
-    # 4. decode speed vs dense at the same quant type
-    dense_speed = {r["quant"]: r.get("decode_ts_d0") for r in rows if r["variant"] == "dense" and r["status"] == "ok"}
-    for r in rows:
-        d, s = dense_speed.get(r["quant"]), r.get("decode_ts_d0")
-        r["decode_vs_dense"] = round(s / d, 3) if d and s else ""
+    # 4. the planner against the measurement, and the runtime's efficiency, per depth
+    roofline_columns(rows, files, req.depths, host)
 
     # 5. arm64 under qemu on a short slice, for the rows where it is affordable
     arm64_column(req, rows, files, logs, say)
 
-    # 6. tables and plot
-    keys = ["variant", "method", "quant", "arch", "status", "file_mb", "active_mb_per_token", "ppl", "kld_mean", "top1_pct",
-            "prompt_ts", "decode_ts_d0", "decode_std_d0", f"decode_ts_d{req.deep_depth}",
-            f"decode_std_d{req.deep_depth}", "decode_vs_dense", *[f"pred_tps_{d}" for d in PHONES],
-            "arm64_ppl_agree", "error", "file"]
+    # 6. the fronts, the tables and the pictures
+    headlines, summaries = [], []
+    for d in req.depths:
+        speed, (qcol, qname) = f"decode_ts_d{d}", req.quality_of(d)
+        front = set(front_rows(rows, speed, qcol))
+        timed = set(measured(rows, speed, qcol))
+        for k, r in enumerate(rows):
+            r[f"front_d{d}"] = "yes" if k in front else "no" if k in timed else ""
+        headlines.append(headline(rows, d, speed, qcol, qname))
+        plot_front(rows, out_dir / f"pareto-d{d}.png", d, speed, qcol, qname)
+        summary = [{"row": row_label(rows[k]), qname: rows[k][qcol], f"decode tok/s d{d}": rows[k][speed],
+                    "predicted speedup": rows[k].get(f"pred_speedup_d{d}", ""),
+                    "measured speedup": rows[k].get(f"speedup_d{d}", ""),
+                    "efficiency": rows[k].get(f"efficiency_d{d}", ""), "on front": rows[k][f"front_d{d}"]}
+                   for k in sorted(timed, key=lambda k: -float(rows[k][speed]))]
+        if summary:
+            summaries += ["", *markdown_table(summary, f"Depth {d}: {qname} vs decode tok/s, fastest first "
+                                                      f"(speedups against dense at the same weight type, f16 KV)")]
+    keys = ["variant", "method", "series", "quant", "kv", "arch", "status", "file_mb", "active_mb_per_token",
+            "ppl", "kld", "top1", f"ppl{long}", f"kld{long}", f"top1{long}", "prompt_ts"]
+    for d in req.depths:
+        keys += [f"decode_ts_d{d}", f"decode_std_d{d}", f"mb_per_token_d{d}", f"pred_speedup_d{d}",
+                 f"speedup_d{d}", f"efficiency_d{d}", f"front_d{d}"]
+    keys += [f"decode_ts_stock_d{d}" for d in req.depths] + [f"efficiency_stock_d{d}" for d in req.depths]
+    keys += [*[f"pred_tps_{d}" for d in PHONES], "arm64_ppl_agree", "error", "file"]
     table = [{k: r.get(k, "") for k in keys} for r in rows]
-    title = (f"{req.title}: WikiText-2 test ctx {req.ctx} x {req.chunks} chunks, KLD vs f16 dense; "
-             f"llama-bench {llama.threads} threads, decode {req.n_gen} tokens at depth 0 and {req.deep_depth} "
-             f"(mean, std over {req.repetitions}/{req.deep_repetitions} repetitions)")
-    write_table(table, out_dir / "matrix", title=title, provenance=prov)
+    title = (f"{req.title}: WikiText-2 test ctx {req.ctx} x {req.chunks} chunks and ctx {req.long_ctx} x "
+             f"{req.long_chunks} chunks (the {', '.join(req.deep_quants)} rows), KLD / top-1 vs f16 dense at the same "
+             f"ctx; llama-bench {llama.threads} threads, flash attention {req.flash_attn}, decode {req.n_gen} tokens "
+             f"at depths {', '.join(map(str, req.depths))} (mean, std over {req.repetitions} repetitions at depth 0, "
+             f"{req.deep_repetitions} deeper); roofline on the probed {host.dram_gbs} GB/s")
+    off = prediction_misses(rows, req.depths)
+    before = ["### Headline", "", *[f"- {h}" for h in headlines], *summaries, "",
+              f"### Predictions off by more than {PREDICTION_TOLERANCE:.0%} (predicted / measured speedup - 1)", "",
+              *([f"- {line}" for line in off] or ["- none"])]
+    write_table(table, out_dir / "matrix", title=title, provenance=prov, before=before)
     settings = {"provenance": prov}
     settings.update((k, str(v) if isinstance(v, Path) else v) for k, v in req.__dict__.items()
                     if k not in ("llama", "variants", "heal"))
     settings["variants"] = [v.name for v in req.variants]
     settings["heal"] = heal_key(req.heal)
+    settings["host_bandwidth_gbs"] = host.dram_gbs
+    settings["headline"] = headlines
     settings["wall_s"] = round(time.monotonic() - t0, 1)
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n")
-    plot_pareto(table, out_dir / "pareto.png")
+    if req.publish is not None:
+        publish(out_dir, Path(req.publish))
     n_failed = sum(r["status"] != "ok" for r in rows)
-    say(f"wrote {out_dir}/matrix.csv, matrix.md, pareto.png ({len(rows)} rows, {n_failed} failed)")
+    for h in headlines:
+        say(h)
+    say(f"wrote {out_dir}/matrix.csv, matrix.md, pareto-d*.png ({len(rows)} rows, {n_failed} failed)")
     return out_dir
+
+
+def publish(out_dir: Path, dest: Path) -> None:
+    """The run's tables, pictures and settings copied to `dest` (its former files of these kinds replaced)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("pareto-d*.png"):
+        old.unlink()
+    for f in [out_dir / "matrix.md", out_dir / "matrix.csv", out_dir / "settings.json",
+              *sorted(out_dir.glob("pareto-d*.png"))]:
+        shutil.copy2(f, dest / f.name)
 
 
 def _slug(p: Path) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", Path(p).stem)[:40]
 
 
-def bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depth: int, n_prompt: int, n_gen: int,
-               reps: int, log_dir: Path) -> dict:
-    """llama-bench for all files in one process; if that process fails, each file alone (failures recorded)."""
+def bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depths: tuple[int, ...], n_prompt: int,
+              n_gen: int, reps: int, log_dir: Path, extra: list[str] = ()) -> dict:
+    """llama-bench for all files in one process (per file order), {(file name, depth): SpeedRow}; if that
+    process fails, each file alone (failures recorded)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     uniq = list(dict.fromkeys(ok.values()))
     if not uniq:
         return {}
+
+    def timed(models: list[Path], where: Path) -> dict:
+        res = llama_bench(llama, models, depths=depths, n_gen=n_gen, n_prompt=n_prompt, repetitions=reps,
+                          log_dir=where, extra=extra)
+        return {(r.model, r.depth): r for r in res}
+
     try:
-        res = llama_bench(llama, uniq, depths=(depth,), n_gen=n_gen, n_prompt=n_prompt, repetitions=reps,
-                          log_dir=log_dir)
-        return {r.model: r for r in res}
+        return timed(uniq, log_dir)
     except Exception as e:  # noqa: BLE001 - fall back to one process per file
         log.warning("llama-bench over all rows failed (%s); timing each file alone", _fmt_err(e))
     out = {}
@@ -393,15 +520,76 @@ def bench_all(llama: LlamaCpp, ok: dict[int, Path], rows: list[dict], depth: int
         try:
             sub = log_dir / f.stem
             sub.mkdir(exist_ok=True)
-            for r in llama_bench(llama, [f], depths=(depth,), n_gen=n_gen, n_prompt=n_prompt, repetitions=reps,
-                                 log_dir=sub):
-                out[r.model] = r
+            out.update(timed([f], sub))
         except Exception as e:  # noqa: BLE001
             for k, g in ok.items():
                 if g == f:
                     rows[k]["status"] = "failed"
-                    rows[k]["error"] = f"llama-bench (depth {depth}): {_fmt_err(e)}"
+                    rows[k]["error"] = f"llama-bench (depths {depths}): {_fmt_err(e)}"
     return out
+
+
+def stock_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], logs: Path, say,
+                 extra: list[str]) -> None:
+    """`decode_ts_stock_d<depth>`: the dense rows with an f16 KV cache timed again by the unpatched build (at
+    every depth for the deep ones), so the patch's own cost shows in the efficiency columns."""
+    bin_dir = Path(req.stock_bin or os.environ.get("D2M_LLAMA_STOCK_BIN",
+                                                   REPO / "build" / "llama.cpp-stock" / "bin"))
+    pick = {k: f for k, f in files.items() if rows[k]["status"] == "ok" and rows[k]["variant"] == "dense"
+            and rows[k]["kv"] == "f16" and rows[k]["deep"]}
+    if not pick:
+        return
+    if not (bin_dir / "llama-bench").is_file():
+        say(f"no stock build in {bin_dir} (make llama-stock): the stock columns stay empty")
+        return
+    stock = LlamaCpp(bin_dir, threads=req.llama.threads)
+    say(f"llama-bench (stock build): {len(pick)} dense models, depths {','.join(map(str, req.depths))}")
+    speed = bench_all(stock, pick, [dict(r) for r in rows], tuple(req.depths), 0, req.n_gen, req.deep_repetitions,
+                      logs / "llama-bench-stock", extra)
+    for k, f in pick.items():
+        for d in req.depths:
+            s = speed.get((f.name, d))
+            if s is not None:
+                rows[k][f"decode_ts_stock_d{d}"] = round(s.decode_ts, 2)
+
+
+PREDICTION_TOLERANCE = 0.15
+
+
+def prediction_misses(rows: list[dict], depths: tuple[int, ...]) -> list[str]:
+    """Rows whose predicted speedup is off the measured one by more than PREDICTION_TOLERANCE at some depth."""
+    out = []
+    for r in rows:
+        for d in depths:
+            p, m = _num(r.get(f"pred_speedup_d{d}")), _num(r.get(f"speedup_d{d}"))
+            if p and m and abs(p / m - 1) > PREDICTION_TOLERANCE:
+                out.append(f"{row_label(r)} at depth {d}: predicted x{p:.2f}, measured x{m:.2f} ({p / m - 1:+.0%})")
+    return out
+
+
+def roofline_columns(rows: list[dict], files: dict[int, Path], depths: tuple[int, ...], host: Device) -> None:
+    """Per depth: bytes read per token (weights + KV cache of the row's type), the roofline's predicted speedup on
+    this machine and the measured one (both against dense at the same weight type with an f16 cache), and the
+    runtime's efficiency: bytes per token x measured tok/s / probed bandwidth (of the stock build too)."""
+    for d in depths:
+        cost = {k: gguf_cost(f, depth=d, kv=rows[k]["kv"]) for k, f in files.items()}
+        ref = {rows[k]["quant"]: k for k in files if rows[k]["variant"] == "dense" and rows[k]["kv"] == "f16"}
+        for k, c in cost.items():
+            r = rows[k]
+            r[f"mb_per_token_d{d}"] = round(c.total_bytes / 1e6, 2)
+            ts = _num(r.get(f"decode_ts_d{d}"))
+            if ts:
+                r[f"efficiency_d{d}"] = round(c.total_bytes * ts / (host.dram_gbs * 1e9), 3)
+            stock = _num(r.get(f"decode_ts_stock_d{d}"))
+            if stock:
+                r[f"efficiency_stock_d{d}"] = round(c.total_bytes * stock / (host.dram_gbs * 1e9), 3)
+            j = ref.get(r["quant"])
+            if j is None:
+                continue
+            r[f"pred_speedup_d{d}"] = round(c.tokens_per_s(host) / cost[j].tokens_per_s(host), 3)
+            base = _num(rows[j].get(f"decode_ts_d{d}"))
+            if ts and base:
+                r[f"speedup_d{d}"] = round(ts / base, 3)
 
 
 def arm64_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], logs: Path, say) -> None:
@@ -438,66 +626,6 @@ def arm64_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], l
             rows[k]["arm64_ppl_agree"] = str(arm64_check(req.llama, arm, f, text, logs, req.qemu_ctx, req.qemu_chunks))
         except Exception as e:  # noqa: BLE001
             rows[k]["arm64_ppl_agree"] = f"failed: {_fmt_err(e)}"
-
-
-# ---- plot -------------------------------------------------------------------------------------------------
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both speed (x, higher) and quality (y, lower)."""
-    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def _num(x) -> float | None:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def plot_pareto(rows: list[dict], path: Path, phone: str = "phone-i8mm") -> None:
-    """ppl against measured decode tok/s (one series per method, frontier highlighted), and against the
-    predicted phone tok/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    panels = [("decode_ts_d0", "measured decode tok/s (host, depth 0)"),
-              (f"pred_tps_{phone}", f"predicted decode tok/s ({phone}, cost model)")]
-    for ax, (xkey, xlabel) in zip(axes, panels):
-        good = [r for r in rows if r.get("status") == "ok" and _num(r.get(xkey)) and _num(r.get("ppl"))]
-        for method in dict.fromkeys(r["method"] for r in good):
-            pts = [r for r in good if r["method"] == method]
-            ax.scatter([_num(r[xkey]) for r in pts], [_num(r["ppl"]) for r in pts], label=method, s=30, alpha=0.8)
-            for r in pts:
-                ax.annotate(r["quant"], (_num(r[xkey]), _num(r["ppl"])), fontsize=6, alpha=0.7,
-                            xytext=(3, 2), textcoords="offset points")
-        if good:
-            pts = [(_num(r[xkey]), _num(r["ppl"])) for r in good]
-            front = sorted(pareto_front(pts), key=lambda i: pts[i][0])
-            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto frontier")
-            ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=90, facecolors="none",
-                       edgecolors="k", lw=1.2)
-            if max(p[1] for p in pts) / max(1e-9, min(p[1] for p in pts)) > 20:
-                ax.set_yscale("log")
-        else:
-            ax.text(0.5, 0.5, "no successful rows", ha="center", transform=ax.transAxes)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("WikiText-2 perplexity (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("quality vs measured speed")
-    axes[1].set_title("quality vs predicted phone speed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---- phones over adb ------------------------------------------------------------------------------------
@@ -564,7 +692,7 @@ def adb_bench(results: Path = Path("bench/results"), matrix_dir: Path | None = N
         row = {k: "" for k in rows[0]}
         row.update(variant=r["variant"], method=r["method"], quant=r["quant"], file_mb=r.get("file_mb", ""),
                    active_mb_per_token=r.get("active_mb_per_token", ""), ppl=r.get("ppl", ""),
-                   kld_mean=r.get("kld_mean", ""), top1_pct=r.get("top1_pct", ""), file=r["file"])
+                   kld=r.get("kld", ""), top1=r.get("top1", ""), file=r["file"])
         row["device"] = f"adb:{model}"
         try:
             if p.returncode != 0:
@@ -594,6 +722,5 @@ def adb_bench(results: Path = Path("bench/results"), matrix_dir: Path | None = N
     return len(new)
 
 
-__all__ = ["MatrixRequest", "MatrixVariant", "run_matrix", "quick_request", "full_request", "plot_pareto",
-           "pareto_front", "adb_bench", "kld_row", "kld_base", "build_f16", "build_quant", "bench_all",
+__all__ = ["MatrixRequest", "MatrixVariant", "run_matrix", "quick_request", "full_request", "adb_bench", "kld_row", "kld_base", "build_f16", "build_quant", "bench_all", "stock_column", "roofline_columns",
            "Arm64Check", "arm64_check", "arm64_check_text", "arm64_column", "ARM64_CHECK_TOLERANCE"]

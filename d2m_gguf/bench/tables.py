@@ -15,18 +15,25 @@ def provenance_lines(prov: dict[str, str]) -> list[str]:
     return [f"- {key}: {value}" for key, value in prov.items()]
 
 
-def write_table(rows: list[dict], stem: Path, title: str, provenance: dict[str, str] | list[str] | None = None) -> None:
+def markdown_table(rows: list[dict], title: str) -> list[str]:
+    """`rows` as a titled markdown table (the first row's keys are the columns)."""
+    keys = list(rows[0])
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+
+
+def write_table(rows: list[dict], stem: Path, title: str, provenance: dict[str, str] | list[str] | None = None,
+                before: list[str] = ()) -> None:
     """stem.csv and stem.md of `rows` (the first row's keys are the columns); `provenance` opens the md: a
-    `provenance()` dict, or lines already formatted (a table rewritten keeps the block it had)."""
+    `provenance()` dict, or lines already formatted (a table rewritten keeps the block it had); `before` (a
+    headline, summary tables) goes between the provenance and the table."""
     keys = list(rows[0])
     with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     head = provenance_lines(provenance) if isinstance(provenance, dict) else list(provenance or [])
-    lines = (head + [""] if head else [])
-    lines += [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    lines = (head + [""] if head else []) + ([*before, ""] if before else []) + markdown_table(rows, title)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -40,4 +47,4 @@ def read_provenance_lines(md: Path) -> list[str]:
     return [line for line in head.splitlines() if line.startswith("- ")]
 
 
-__all__ = ["write_table", "provenance_lines", "read_provenance_lines"]
+__all__ = ["write_table", "markdown_table", "provenance_lines", "read_provenance_lines"]

@@ -80,6 +80,11 @@ def cached_build(out: Path, settings: str, build: Callable[[], object]) -> Path:
     return out
 
 
+def source_key(hf_dir: Path) -> str:
+    """The source model a build came from, in its stamp: one results folder serves several models."""
+    return str(Path(hf_dir).resolve())
+
+
 def heal_key(heal: HealSettings, guests: bool = True) -> dict:
     """The healing settings a built variant depends on; `guests=False` (a plan without guest experts, such as
     pruning) leaves out the guests' settings, so switching `--freeze-guests/--train-guests` or
@@ -107,7 +112,8 @@ def build_variant(v: Variant, hf_dir: Path, work: Path, outtype: OutType, heal: 
     out = work / f"{v.name}-{outtype.value}.gguf"
     request = v.request()
     variant = {k: x for k, x in asdict(v).items() if x is not None}
-    settings = json.dumps({"variant": variant, "plan": repr(request), "outtype": outtype.value,
+    settings = json.dumps({"source": source_key(hf_dir), "variant": variant, "plan": repr(request),
+                           "outtype": outtype.value,
                            "gguf_arch": ConvertRequest.gguf_arch.value,
                            "heal": heal_key(heal, guests=v.method == "lfuc")}, sort_keys=True)
 
@@ -129,8 +135,8 @@ def build_plan_variant(name: str, plan: Path, hf_dir: Path, work: Path, outtype:
     """The GGUF of a hand-written plan (examples/plans), named `name` (reused when built with the same settings)."""
     out = work / f"{name}-{outtype.value}.gguf"
     plan_text = Path(plan).read_text(encoding="utf-8")
-    settings = json.dumps({"plan": plan_text, "outtype": outtype.value, "gguf_arch": ConvertRequest.gguf_arch.value,
-                           "heal": heal_key(heal)}, sort_keys=True)
+    settings = json.dumps({"source": source_key(hf_dir), "plan": plan_text, "outtype": outtype.value,
+                           "gguf_arch": ConvertRequest.gguf_arch.value, "heal": heal_key(heal)}, sort_keys=True)
     return cached_build(out, settings, lambda: run(ConvertRequest(
         hf_dir=hf_dir, out=out, outtype=outtype, plan=Path(plan), healing=heal, work_dir=work / f"{name}.d2m",
         progress=progress)))
@@ -146,5 +152,5 @@ def healing_spent(work_dir: Path) -> dict:
             "minutes": round(sum(s.get("seconds", 0.0) for s in stages) / 60, 1)}
 
 
-__all__ = ["Variant", "stamp_of", "cached_build", "heal_key", "budget_work_dir", "build_variant",
+__all__ = ["Variant", "stamp_of", "cached_build", "source_key", "heal_key", "budget_work_dir", "build_variant",
            "build_plan_variant", "healing_spent"]
