@@ -215,7 +215,8 @@ def test_matrix_rows_columns_and_files(tiny_matrix):
             assert float(r[c]) >= 0, (c, r)
         assert r["arm64_ppl_agree"] == "not run"
         deep = r["quant"] == "F16"     # the deep rows: timed at depth 64, scored at ctx 256
-        for c in ("ppl_c256", "kld_c256", "top1_c256", "decode_ts_d64", "speedup_d64", "efficiency_d64"):
+        for c in ("ppl_c256", "kld_c256", "top1_c256", "decode_ts_d64", "speedup_d64", "efficiency_d64",
+                  "pred_tps_phone-i8mm_d64"):
             assert (r[c] != "") == deep, (c, r)
         assert r["front_d0"] in ("yes", "no")
         assert r["front_d64"] in (("yes", "no") if deep else ("",)), r

@@ -425,6 +425,12 @@ def run_matrix(req: MatrixRequest) -> Path:
 
     # 4. the planner against the measurement, and the runtime's efficiency, per depth
     roofline_columns(rows, files, req.depths, host)
+    deepest = max(req.depths)
+    for k, f in files.items():                 # what a phone would read at the deepest depth (cost model)
+        if rows[k].get(f"decode_ts_d{deepest}"):
+            c = gguf_cost(f, depth=deepest, kv=rows[k]["kv"])
+            for d in PHONES:
+                rows[k][f"pred_tps_{d}_d{deepest}"] = round(c.tokens_per_s(devices[d]), 1)
 
     # 5. arm64 under qemu on a short slice, for the rows where it is affordable
     arm64_column(req, rows, files, logs, say)
@@ -453,7 +459,8 @@ def run_matrix(req: MatrixRequest) -> Path:
         keys += [f"decode_ts_d{d}", f"decode_std_d{d}", f"mb_per_token_d{d}", f"pred_speedup_d{d}",
                  f"speedup_d{d}", f"efficiency_d{d}", f"front_d{d}"]
     keys += [f"decode_ts_stock_d{d}" for d in req.depths] + [f"efficiency_stock_d{d}" for d in req.depths]
-    keys += [*[f"pred_tps_{d}" for d in PHONES], "arm64_ppl_agree", "error", "file"]
+    keys += [*[f"pred_tps_{d}" for d in PHONES], *[f"pred_tps_{d}_d{max(req.depths)}" for d in PHONES],
+             "arm64_ppl_agree", "error", "file"]
     table = [{k: r.get(k, "") for k in keys} for r in rows]
     title = (f"{req.title}: WikiText-2 test ctx {req.ctx} x {req.chunks} chunks and ctx {req.long_ctx} x "
              f"{req.long_chunks} chunks (the {', '.join(req.deep_quants)} rows), KLD / top-1 vs f16 dense at the same "
