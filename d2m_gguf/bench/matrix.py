@@ -438,21 +438,9 @@ def run_matrix(req: MatrixRequest) -> Path:
     # 6. the fronts, the tables and the pictures
     headlines, summaries = [], []
     for d in req.depths:
-        speed, (qcol, qname) = f"decode_ts_d{d}", req.quality_of(d)
-        front = set(front_rows(rows, speed, qcol))
-        timed = set(measured(rows, speed, qcol))
-        for k, r in enumerate(rows):
-            r[f"front_d{d}"] = "yes" if k in front else "no" if k in timed else ""
-        headlines.append(headline(rows, d, speed, qcol, qname))
-        plot_front(rows, out_dir / f"pareto-d{d}.png", d, speed, qcol, qname)
-        summary = [{"row": row_label(rows[k]), qname: rows[k][qcol], f"decode tok/s d{d}": rows[k][speed],
-                    "predicted speedup": rows[k].get(f"pred_speedup_d{d}", ""),
-                    "measured speedup": rows[k].get(f"speedup_d{d}", ""),
-                    "efficiency": rows[k].get(f"efficiency_d{d}", ""), "on front": rows[k][f"front_d{d}"]}
-                   for k in sorted(timed, key=lambda k: -float(rows[k][speed]))]
-        if summary:
-            summaries += ["", *markdown_table(summary, f"Depth {d}: {qname} vs decode tok/s, fastest first "
-                                                      f"(speedups against dense at the same weight type, f16 KV)")]
+        h, lines = depth_front(rows, d, *req.quality_of(d), out_dir / f"pareto-d{d}.png")
+        headlines.append(h)
+        summaries += lines
     keys = ["variant", "method", "series", "quant", "kv", "arch", "status", "file_mb", "active_mb_per_token",
             "ppl", "kld", "top1", f"ppl{long}", f"kld{long}", f"top1{long}", "prompt_ts"]
     for d in req.depths:
@@ -488,6 +476,25 @@ def run_matrix(req: MatrixRequest) -> Path:
         say(h)
     say(f"wrote {out_dir}/matrix.csv, matrix.md, pareto-d*.png ({len(rows)} rows, {n_failed} failed)")
     return out_dir
+
+
+def depth_front(rows: list[dict], depth: int, qcol: str, qname: str, picture: Path) -> tuple[str, list[str]]:
+    """One depth's front: the `front_d<depth>` column set on every row, the picture drawn; its headline sentence
+    and its summary table (the rows timed at that depth, fastest first) returned."""
+    speed = f"decode_ts_d{depth}"
+    front = set(front_rows(rows, speed, qcol))
+    timed = set(measured(rows, speed, qcol))
+    for k, r in enumerate(rows):
+        r[f"front_d{depth}"] = "yes" if k in front else "no" if k in timed else ""
+    plot_front(rows, picture, depth, speed, qcol, qname)
+    summary = [{"row": row_label(rows[k]), qname: rows[k][qcol], f"decode tok/s d{depth}": rows[k][speed],
+                "predicted speedup": rows[k].get(f"pred_speedup_d{depth}", ""),
+                "measured speedup": rows[k].get(f"speedup_d{depth}", ""),
+                "efficiency": rows[k].get(f"efficiency_d{depth}", ""), "on front": rows[k][f"front_d{depth}"]}
+               for k in sorted(timed, key=lambda k: -float(rows[k][speed]))]
+    lines = ["", *markdown_table(summary, f"Depth {depth}: {qname} vs decode tok/s, fastest first (speedups "
+                                          f"against dense at the same weight type, f16 KV)")] if summary else []
+    return headline(rows, depth, speed, qcol, qname), lines
 
 
 def publish(out_dir: Path, dest: Path) -> None:
@@ -551,6 +558,7 @@ def stock_column(req: MatrixRequest, rows: list[dict], files: dict[int, Path], l
         return
     stock = LlamaCpp(bin_dir, threads=req.llama.threads)
     say(f"llama-bench (stock build): {len(pick)} dense models, depths {','.join(map(str, req.depths))}")
+    # a failure here leaves the stock columns empty; it does not fail the rows (bench_all marks the copies)
     speed = bench_all(stock, pick, [dict(r) for r in rows], tuple(req.depths), 0, req.n_gen, req.deep_repetitions,
                       logs / "llama-bench-stock", extra)
     for k, f in pick.items():
