@@ -424,13 +424,7 @@ def run_matrix(req: MatrixRequest) -> Path:
     stock_column(req, rows, files, logs, say, runtime("f16"))
 
     # 4. the planner against the measurement, and the runtime's efficiency, per depth
-    roofline_columns(rows, files, req.depths, host)
-    deepest = max(req.depths)
-    for k, f in files.items():                 # what a phone would read at the deepest depth (cost model)
-        if rows[k].get(f"decode_ts_d{deepest}"):
-            c = gguf_cost(f, depth=deepest, kv=rows[k]["kv"])
-            for d in PHONES:
-                rows[k][f"pred_tps_{d}_d{deepest}"] = round(c.tokens_per_s(devices[d]), 1)
+    roofline_columns(rows, files, req.depths, host, [devices[d] for d in PHONES])
 
     # 5. arm64 under qemu on a short slice, for the rows where it is affordable
     arm64_column(req, rows, files, logs, say)
@@ -582,12 +576,18 @@ def prediction_misses(rows: list[dict], depths: tuple[int, ...]) -> list[str]:
     return out
 
 
-def roofline_columns(rows: list[dict], files: dict[int, Path], depths: tuple[int, ...], host: Device) -> None:
+def roofline_columns(rows: list[dict], files: dict[int, Path], depths: tuple[int, ...], host: Device,
+                     phones: list[Device] = ()) -> None:
     """Per depth: bytes read per token (weights + KV cache of the row's type), the roofline's predicted speedup on
     this machine and the measured one (both against dense at the same weight type with an f16 cache), and the
-    runtime's efficiency: bytes per token x measured tok/s / probed bandwidth (of the stock build too)."""
+    runtime's efficiency: bytes per token x measured tok/s / probed bandwidth (of the stock build too); at the
+    deepest depth, the predicted tok/s of each phone profile for the rows timed there."""
     for d in depths:
         cost = {k: gguf_cost(f, depth=d, kv=rows[k]["kv"]) for k, f in files.items()}
+        if d == max(depths):
+            for k, c in cost.items():
+                if rows[k].get(f"decode_ts_d{d}"):
+                    rows[k].update({f"pred_tps_{p.key}_d{d}": round(c.tokens_per_s(p), 1) for p in phones})
         ref = {rows[k]["quant"]: k for k in files if rows[k]["variant"] == "dense" and rows[k]["kv"] == "f16"}
         for k, c in cost.items():
             r = rows[k]
