@@ -66,7 +66,7 @@ CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
 
-.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-deps test-fast demo bench quantize clean distclean
+.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-deps test-fast demo bench bench-scale quantize clean distclean
 
 help:
 	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
@@ -79,6 +79,7 @@ help:
 	@echo "make llama-asan   patched $(ASAN_TOOLS) with ASan+UBSan in $(ASAN_BIN) (loader fuzzing)"
 	@echo "make arm64     static aarch64 build of the patched tools and llama-cli in $(ARM64_BIN) ($(ARM64_ARCH))"
 	@echo "make bench     the quantization x variant matrix in bench/results/<stamp>/ (QUICK=1: a 5-minute subset)"
+	@echo "make bench-scale  time and peak RSS of each conversion stage on random 0.5B-8B checkpoints (SCALE_ARGS=\"--sizes qwen2.5-0.5b\")"
 	@echo "make quantize  IN=model-f16.gguf OUT=model-q.gguf DEVICE=phone-i8mm: a device recipe from quant/"
 	@echo "make gpu-compare  prune vs LF-UC healed with the same 2e7 end-to-end tokens on this machine's GPUs"
 
@@ -231,6 +232,15 @@ bench: setup smollm2 llama-tools llama-stock arm64-tools
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) \
 	  D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
 	  $(VENV)/bin/d2m bench matrix $(SMOLLM2) $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# wall time and peak RSS of each stage (upstream's convert_hf_to_gguf.py, convert --dense, analyze, plan + write,
+# block-local healing) on random checkpoints of Qwen2.5-0.5B/1.5B, Llama-3.2-3B and Llama-3.1-8B shapes (d2m bench
+# scale; up to 16 GB each, in a temporary folder while measured). No llama.cpp build: the converter's source only;
+# SmolLM2 lends its tokenizer. make bench-scale SCALE_ARGS="--sizes qwen2.5-0.5b,qwen2.5-1.5b"
+SCALE_ARGS ?=
+bench-scale: setup smollm2 llama-src
+	D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_SRC) D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) \
+	  $(VENV)/bin/d2m bench scale $(SCALE_ARGS)
 
 # pruning vs LF-UC healed with the same end-to-end tokens on transformers' Trainer (torchrun over the GPUs):
 # make gpu-compare GPU_COMPARE_ARGS="--fuse 8 --tokens 20000000"

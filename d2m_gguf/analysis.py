@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .model import HybridModel, rope_cos_sin
+from .model import HybridModel
+from .weights import LayerStream, Weights
 
 
 @dataclass
@@ -60,18 +61,22 @@ ANALYSIS_SEQUENCES = 32   # calibration sequences the layer scores are taken on 
 
 
 @torch.no_grad()
-def analyze(model: HybridModel, chunks: torch.Tensor, batch: int = 4, progress: bool = True,
+def analyze(model: HybridModel | Weights, chunks: torch.Tensor, batch: int = 4, progress: bool = True,
             source: str = "") -> LayerScores:
-    """Score every layer of a dense model (an identity-plan HybridModel) on token chunks [N, T]."""
-    n = model.cfg.n_layer
+    """Score every layer of a dense model (an identity-plan HybridModel, or its `Weights` read from the
+    checkpoint) on token chunks [N, T]. Layer by layer: the whole calibration batch passes one block before
+    the next is loaded (weights.LayerStream), so memory holds one layer's weights and the batch's residual
+    stream, whatever the model's size."""
+    stream = LayerStream(model)
+    n = stream.cfg.n_layer
     sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("influence", "angle", "attn", "mlp")}
     neighbor = torch.zeros(max(n - 1, 0), dtype=torch.float64)
-    count = 0
-    cos, sin = rope_cos_sin(torch.arange(chunks.shape[1]), model.cfg.head_dim, model.cfg.rope_theta)
-    for i in tqdm(range(0, len(chunks), batch), desc="analyze", disable=not progress, leave=False):
-        x = model.embed_tokens(chunks[i:i + batch])
-        prev_f = None
-        for layer, block in enumerate(model.layers):
+    cos, sin = stream.rope(chunks.shape[1])
+    xs = [stream.embed(chunks[i:i + batch]) for i in range(0, len(chunks), batch)]
+    stream.release_embedding()
+    prev_fs: list[torch.Tensor | None] = [None] * len(xs)
+    for layer, block in tqdm(stream.blocks(), total=n, desc="analyze (layers)", disable=not progress, leave=False):
+        for k, x in enumerate(xs):
             a, f = block.contributions(x, cos, sin)
             h = x if a is None else x + a
             y = h + f
@@ -80,10 +85,10 @@ def analyze(model: HybridModel, chunks: torch.Tensor, batch: int = 4, progress: 
             sums["angle"][layer] += (torch.arccos(c.clamp(-1, 1)) / math.pi).sum()
             sums["attn"][layer] += _one_minus_cos(x, h).sum() if a is not None else 0.0
             sums["mlp"][layer] += _one_minus_cos(h, y).sum()
-            if prev_f is not None:
-                neighbor[layer - 1] += (1.0 - _one_minus_cos(prev_f, f)).sum()
-            prev_f, x = f, y
-        count += x.shape[0] * x.shape[1]
+            if prev_fs[k] is not None:
+                neighbor[layer - 1] += (1.0 - _one_minus_cos(prev_fs[k], f)).sum()
+            prev_fs[k], xs[k] = f, y
+    count = sum(x.shape[0] * x.shape[1] for x in xs)
     mean = {k: (v / count).tolist() for k, v in sums.items()}
     return LayerScores(influence=mean["influence"], angular_distance=mean["angle"],
                        attention_influence=mean["attn"], mlp_influence=mean["mlp"],

@@ -17,6 +17,7 @@ from .analysis import ANALYSIS_SEQUENCES
 from .bench.at_scale import AtScaleRequest
 from .bench.lfuc import CurveRequest, LfucTableRequest
 from .bench.matrix import MATRIX_HEAL_TOKENS, MatrixRequest
+from .bench.scale import ScaleRequest
 from .distill import PRECISIONS, E2EConfig, resolve_precision
 from .errors import D2MError
 from .heal import HealSettings
@@ -134,15 +135,16 @@ def plan_request_from(values: dict) -> PlanRequest:
 
 
 def _dense_reference(hf_dir: Path):
+    """The dense model's spec, checkpoint and weights (read from the checkpoint a layer at a time)."""
     from .checkpoint import Checkpoint
     from .plan import identity_plan
     from .spec import load_dense_spec
-    from .upcycle import upcycle
+    from .upcycle import plan_weights
 
     spec = load_dense_spec(hf_dir)
     ckpt = Checkpoint(hf_dir)
     ckpt.check(spec)
-    return spec, ckpt, upcycle(spec, ckpt, identity_plan(spec.n_layer))
+    return spec, ckpt, plan_weights(spec, ckpt, identity_plan(spec.n_layer))
 
 
 def router_init_option(fn):
@@ -303,8 +305,8 @@ def analyze_cmd(hf_dir: Path, text: Path | None, ctx: int | None, chunks: int, o
     from .analysis import analyze, plot_scores
     from .pipeline import calibration
 
-    spec, _, model = _dense_reference(hf_dir)
-    scores = analyze(model, calibration(hf_dir, text, ctx or HealSettings.ctx, chunks), progress=not quiet,
+    spec, _, dense = _dense_reference(hf_dir)
+    scores = analyze(dense, calibration(hf_dir, text, ctx or HealSettings.ctx, chunks), progress=not quiet,
                      source=hf_dir.name)
     scores.save(output)
     plot_scores(scores, plot or output.with_suffix(".png"))
@@ -336,8 +338,8 @@ def plan_cmd(hf_dir: Path, scores: Path | None, text: Path | None, ctx: int | No
     if scores is not None:
         layer_scores = LayerScores.load(scores)
     else:
-        _, _, model = _dense_reference(hf_dir)
-        layer_scores = analyze(model, calibration(hf_dir, text, ctx or HealSettings.ctx, ANALYSIS_SEQUENCES),
+        _, _, dense = _dense_reference(hf_dir)
+        layer_scores = analyze(dense, calibration(hf_dir, text, ctx or HealSettings.ctx, ANALYSIS_SEQUENCES),
                                source=hf_dir.name)
     req = plan_request_from(settings)
     dev = get_device(settings["device"] or ConvertRequest.device)
@@ -539,6 +541,27 @@ def bench_matrix(hf_dir, quick, heal_tokens, with_upcycle, verbose, **settings) 
         req.variants = (*req.variants, MatrixVariant("upcycle", 4))
     out = run_matrix(req)
     click.echo((out / "matrix.md").read_text())
+    click.echo(f"results in {out}")
+
+
+@bench.command("scale")
+@options(ScaleRequest, ("sizes", "chunks", "ctx", "heal_tokens", "fuse", "tokenizer", "llama_src", "tmp", "results",
+                        "publish"))
+@quiet_option
+@verbose_option
+@user_errors
+def bench_scale(quiet, verbose, **settings) -> None:
+    """Wall time and peak RSS of each conversion stage on random checkpoints of real shapes (Qwen2.5-0.5B/1.5B,
+    Llama-3.2-3B, Llama-3.1-8B): llama.cpp's convert_hf_to_gguf.py, convert --dense, analyze, plan application +
+    write, block-local healing, each a process of its own; whether plan + write stays within 1.2x of upstream's
+    dense conversion.
+
+    Writes scale.csv, scale.md, scale.png and settings.json under RESULTS/scale-<timestamp>/; the checkpoints
+    (up to 16 GB) live in a temporary folder (--tmp) only while their size is measured."""
+    from .bench.scale import run_scale
+
+    out = run_scale(from_options(ScaleRequest, settings, base=ScaleRequest(progress=not quiet)))
+    click.echo((out / "scale.md").read_text())
     click.echo(f"results in {out}")
 
 

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from .errors import D2MError
 from .options import setting
-from .model import Block, HybridModel, MoEFFN, rope_cos_sin
+from .model import Block, HybridModel, MoEFFN
 from .plan import FusionPlan, block_spans, trained_blocks
+from .weights import LayerStream, Weights
 
 
 # -- training precision ----------------------------------------------------------------------
@@ -106,28 +107,38 @@ def frozen_routers(model: HybridModel, enabled: bool = True):
 # -- teacher activations -----------------------------------------------------------------------
 
 class TeacherCache:
-    """Residual stream of the dense teacher at chosen layer boundaries, float16 memmaps [N, T, D]."""
+    """Residual stream of the dense teacher at chosen layer boundaries, float16 memmaps [N, T, D].
 
-    def __init__(self, teacher: HybridModel, chunks: torch.Tensor, boundaries: set[int], cache_dir: Path | None = None,
-                 batch: int = 8, progress: bool = True):
-        self._tmp = tempfile.TemporaryDirectory(prefix="d2m-teacher-", dir=cache_dir) 
+    Computed layer by layer (weights.LayerStream): every cached sequence passes one block before the next
+    is loaded, so the teacher is never in memory whole; only the residual stream of the N sequences is
+    (float32, N x T x D)."""
+
+    def __init__(self, teacher: HybridModel | Weights, chunks: torch.Tensor, boundaries: set[int],
+                 cache_dir: Path | None = None, batch: int = 8, progress: bool = True):
+        self._tmp = tempfile.TemporaryDirectory(prefix="d2m-teacher-", dir=cache_dir)
         root = Path(self._tmp.name)
+        stream = LayerStream(teacher)
         n, t = chunks.shape
-        d = teacher.cfg.n_embd
+        d = stream.cfg.n_embd
         self.boundaries = sorted(boundaries)
         self.maps = {b: np.lib.format.open_memmap(root / f"b{b}.npy", mode="w+", dtype=np.float16, shape=(n, t, d))
                      for b in self.boundaries}
         last = max(self.boundaries)
-        cos, sin = rope_cos_sin(torch.arange(t), teacher.cfg.head_dim, teacher.cfg.rope_theta)
+        cos, sin = stream.rope(t)
         with torch.no_grad():
-            for i in tqdm(range(0, n, batch), desc="teacher activations", disable=not progress, leave=False):
-                x = teacher.embed_tokens(chunks[i:i + batch])
-                for layer in range(last + 1):
-                    if layer in self.maps:
-                        self.maps[layer][i:i + batch] = x.numpy().astype(np.float16)
-                    if layer < last:
-                        x = teacher.layers[layer](x, cos, sin)
+            xs = [stream.embed(chunks[i:i + batch]) for i in range(0, n, batch)]
+            stream.release_embedding()
+            self._store(0, xs, batch)
+            for layer, block in tqdm(stream.blocks(upto=last), total=last, desc="teacher activations (layers)",
+                                     disable=not progress, leave=False):
+                xs = [block(x, cos, sin) for x in xs]
+                self._store(layer + 1, xs, batch)
         self.cos, self.sin = cos, sin
+
+    def _store(self, boundary: int, xs: list[torch.Tensor], batch: int) -> None:
+        if boundary in self.maps:
+            for k, x in enumerate(xs):
+                self.maps[boundary][k * batch:(k + 1) * batch] = x.numpy().astype(np.float16)
 
     def get(self, boundary: int, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.maps[boundary][np.sort(idx)].astype(np.float32))
@@ -331,35 +342,64 @@ class BlockLocalConfig:
 
 def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCache, budget: Budget,
                         cfg: BlockLocalConfig = BlockLocalConfig(), progress: bool = True) -> StageLog:
-    """Train each fused block to map the teacher's input at its span start to the teacher's output at its end."""
-    spans = block_spans(plan)
+    """Train each fused block to map the teacher's input at its span start to the teacher's output at its end.
+
+    The blocks share nothing (each its own loss and parameters), so they train one after another, each with its
+    own AdamW over the same draws of sequences and the same schedule: the updates one optimiser over all of
+    them would make, with one block's gradients and optimiser state in memory at a time (the other blocks of
+    a partial student need not be loaded at all). A time budget is split evenly between the blocks."""
     blocks = trained_blocks(plan)
     log = StageLog("block-local")
     if not blocks:
         return log
-    params = [p for j in blocks for p in model.layers[j].parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    share = Budget(tokens=budget.tokens, max_steps=budget.max_steps,
+                   minutes=budget.minutes / len(blocks) if budget.minutes else None)
+    rows: dict[int, dict] = {}
+    started = time.monotonic()
     n, t = next(iter(cache.maps.values())).shape[:2]
-    rng = np.random.default_rng(cfg.seed)
-    started, steps, tokens = time.monotonic(), 0, 0
-    total = budget.tokens or (budget.max_steps or 0) * cfg.batch * t or None
+    total = (budget.tokens or (budget.max_steps or 0) * min(cfg.batch, n) * t or 0) * len(blocks) or None
     bar = tqdm(total=total, unit="tok", desc="block-local distillation", disable=not progress, leave=False)
     model.train()
+    for j in blocks:
+        for row in _train_block(model.layers[j], block_spans(plan)[j], cache, share, cfg, seed=cfg.seed, bar=bar):
+            merged = rows.setdefault(row["step"], {"step": row["step"], "tokens": row["tokens"], "lr": row["lr"],
+                                                   "losses": []})
+            merged["seconds"] = round(time.monotonic() - started, 2)
+            merged["losses"].append(row["loss"])
+            merged[f"rel_mse_{j}"] = row["rel"]
+        log.tokens = max(log.tokens, rows[max(rows)]["tokens"] if rows else 0)
+    bar.close()
+    model.eval()
+    for step in sorted(rows):
+        row = rows[step]
+        losses = row.pop("losses")
+        log.add(**{k: row[k] for k in ("step", "tokens", "seconds", "lr")}, loss=sum(losses) / len(losses),
+                **{k: v for k, v in row.items() if k.startswith("rel_mse_")})
+    log.seconds = time.monotonic() - started
+    return log
+
+
+def _train_block(block: Block, span: tuple[int, int], cache: TeacherCache, budget: Budget, cfg: BlockLocalConfig,
+                 seed: int, bar) -> list[dict]:
+    """One block's block-local training; its logged steps (step, tokens, lr, loss, rel)."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n, t = next(iter(cache.maps.values())).shape[:2]
+    rng = np.random.default_rng(seed)          # every block draws the same sequences, as one joint loop did
+    torch.manual_seed(seed)
+    s, e = span
+    rows: list[dict] = []
+    started, steps, tokens = time.monotonic(), 0, 0
     while not budget.done(tokens, seconds := time.monotonic() - started, steps):
         idx = rng.choice(n, size=min(cfg.batch, n), replace=False)
-        loss_sum, parts = 0.0, {}
         opt.zero_grad(set_to_none=True)
-        for j in blocks:
-            s, e = spans[j]
-            x, y = cache.get(s, idx), cache.get(e, idx)
-            with autocast(model, cfg.precision):
-                out, router, balance = block_train_forward(model.layers[j], x, y, cache.cos, cache.sin,
-                                                           router_target=cfg.router_weight > 0)
-            rel = relative_error(out.float(), y)
-            loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
-            loss.backward()
-            loss_sum += loss.item()
-            parts[f"rel_mse_{j}"] = rel.item()
+        x, y = cache.get(s, idx), cache.get(e, idx)
+        with autocast(block, cfg.precision):
+            out, router, balance = block_train_forward(block, x, y, cache.cos, cache.sin,
+                                                       router_target=cfg.router_weight > 0)
+        rel = relative_error(out.float(), y)
+        loss = rel + cfg.router_weight * router + cfg.balance_weight * balance
+        loss.backward()
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, budget.fraction_spent(tokens, seconds, steps))))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -368,12 +408,9 @@ def block_local_distill(model: HybridModel, plan: FusionPlan, cache: TeacherCach
         tokens += len(idx) * t
         bar.update(len(idx) * t)
         if steps == 1 or steps % cfg.log_every == 0 or budget.done(tokens, time.monotonic() - started, steps):
-            log.add(step=steps, tokens=tokens, seconds=round(time.monotonic() - started, 2), lr=lr,
-                    loss=loss_sum / len(blocks), **parts)
-    bar.close()
-    model.eval()
-    log.seconds, log.tokens = time.monotonic() - started, tokens
-    return log
+            rows.append({"step": steps, "tokens": tokens, "lr": lr, "loss": loss.item(), "rel": rel.item()})
+    opt.zero_grad(set_to_none=True)
+    return rows
 
 
 # -- end-to-end distillation (trainer.py runs it) ----------------------------------------------------

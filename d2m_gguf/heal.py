@@ -20,11 +20,13 @@ import torch
 
 from .distill import (BlockLocalConfig, Budget, E2EConfig, RouterFitConfig, StageLog, TeacherCache,
                       block_local_distill, fit_routers, frozen_guests, frozen_routers)
+from .errors import D2MError
 from .model import HybridModel
 from .options import setting
 from .plan import FusionPlan, block_spans, trained_blocks
 from .spec import DenseSpec
 from .upcycle import drop_idle_experts
+from .weights import LayerStream, Weights, layer_of
 
 log = logging.getLogger("d2m")
 
@@ -129,18 +131,22 @@ class Healed:
     """What healing leaves: the model and its plan without its idle experts (a routed block left with one expert
     is dense), the steps' logs, and the expert usage each drop went by."""
 
-    model: HybridModel
+    model: HybridModel | Weights        # Weights: nothing was healed (the plan's weights, read from disk)
     plan: FusionPlan
     logs: list[StageLog] = field(default_factory=list)
     usage_after_router_fit: dict[int, list[float]] = field(default_factory=dict)   # drop-unrouted's
     usage: dict[int, list[float]] = field(default_factory=dict)                    # drop-idle's
 
 
-def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
-         settings: HealSettings, work_dir: Path, progress: bool = True) -> Healed:
+def heal(model: HybridModel, teacher: HybridModel | Weights, plan: FusionPlan, spec: DenseSpec,
+         chunks: torch.Tensor, settings: HealSettings, work_dir: Path, progress: bool = True,
+         fallback: Weights | None = None) -> Healed:
     """Run the steps of `schedule_for(settings, plan)` within the budget (block-local steps only where the plan
     has trained blocks and the budget a block-local share, end-to-end only where it has an end-to-end share).
 
+    `model` may be partial (upcycle(..., blocks=trained_blocks(plan))): the blocks it never loaded read from
+    `fallback` (the plan's weights), and the teacher may stay on disk (`Weights`): both are loaded whole only
+    for end-to-end distillation, which needs them.
     Always from the upcycled model, and without an end-to-end checkpoint: one left in `work_dir` by an
     earlier run (another plan or budget, same shapes) would be resumed over this run's block-local result.
     Resuming is `d2m distill`'s job."""
@@ -155,20 +161,21 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: Dense
     for step in schedule.steps:
         if step == "drop-unrouted" and local:
             healed.model, healed.plan, healed.usage_after_router_fit = drop_idle(
-                healed.model, healed.plan, spec, chunks, settings.min_expert_share)
+                healed.model, healed.plan, spec, chunks, settings.min_expert_share, fallback)
             if "idle_experts_dropped" in healed.plan.notes:
                 log.info("before end-to-end healing, unrouted experts dropped (block: source layers): %s",
                          healed.plan.notes["idle_experts_dropped"])
         elif step == "end-to-end" and settings.block_local_fraction < 1:
             from .trainer import distill_e2e   # transformers' Trainer: seconds to import, only when it runs
+            healed.model = whole(healed.model, fallback)
             with frozen_guests(healed.model, healed.plan, settings.freeze_guests):
-                healed.logs.append(distill_e2e(healed.model, teacher, chunks,
+                healed.logs.append(distill_e2e(healed.model, whole(teacher), chunks,
                                                settings.stage_budget(1 - settings.block_local_fraction),
                                                settings.e2e, checkpoint_dir=None, progress=progress))
         elif step == "drop-idle":
             before = healed.plan
             healed.model, healed.plan, healed.usage = drop_idle(healed.model, healed.plan, spec, chunks,
-                                                                settings.min_expert_share)
+                                                                settings.min_expert_share, fallback)
             if healed.plan is not before:
                 log.info("experts picked for under %.2g of the calibration tokens dropped (block: source layers): "
                          "%s", settings.min_expert_share, healed.plan.notes["idle_experts_dropped"])
@@ -176,7 +183,16 @@ def heal(model: HybridModel, teacher: HybridModel, plan: FusionPlan, spec: Dense
     return healed
 
 
-def _cached_steps(model: HybridModel, teacher: HybridModel, plan: FusionPlan, chunks: torch.Tensor,
+def whole(model: HybridModel | Weights, fallback: Weights | None = None) -> HybridModel:
+    """`model` with every tensor in memory (a partial model's missing blocks loaded from `fallback`)."""
+    if isinstance(model, HybridModel) and not any(p.is_meta for p in model.parameters()):
+        return model
+    weights = model if isinstance(model, Weights) else Weights.of_model(model, fallback)
+    out = weights.materialize()
+    return out.train(model.training) if isinstance(model, HybridModel) else out
+
+
+def _cached_steps(model: HybridModel, teacher: HybridModel | Weights, plan: FusionPlan, chunks: torch.Tensor,
                   settings: HealSettings, schedule: Schedule, blocks: list[int], work_dir: Path,
                   progress: bool) -> list[StageLog]:
     """The schedule's steps on cached teacher activations (router fit, block-local distillation), in its order."""
@@ -221,29 +237,108 @@ def spread_subset(chunks: torch.Tensor, n: int) -> torch.Tensor:
     return chunks[torch.linspace(0, len(chunks) - 1, n).round().long()]
 
 
+# -- memory -----------------------------------------------------------------------------------------------
+
+RUNTIME_BYTES = 600_000_000    # Python, torch and transformers themselves (0.24-0.35 GB measured here) and slack
+
+
+@dataclass
+class MemoryNeed:
+    """What healing will hold in memory at its peak, by part (bytes), and which student blocks it loads
+    (None: all of them, for end-to-end distillation)."""
+
+    parts: dict[str, int]
+    loaded_blocks: list[int] | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value / 1e9:.1f}" for name, value in self.parts.items() if value >= 5e7)
+
+
+def memory_need(weights: Weights, teacher: Weights, plan: FusionPlan, settings: HealSettings) -> MemoryNeed:
+    """An upper estimate of healing's peak memory. Block-local distillation holds the trained blocks, one
+    block's gradients and AdamW state, the teacher's residual stream over the cached sequences and one teacher
+    layer; end-to-end distillation holds teacher and student whole, the student's gradients and AdamW state,
+    and a batch's activations and logits."""
+    cfg = weights.cfg
+    layer_bytes = [0] * cfg.n_layer
+    for key, shape in weights.shapes.items():
+        if (j := layer_of(key)) is not None:
+            layer_bytes[j] += 4 * math.prod(shape)
+    teacher_layer = sum(4 * math.prod(s) for k, s in teacher.shapes.items() if layer_of(k) == 0)
+    blocks = trained_blocks(plan) if settings.block_local_fraction > 0 else []
+    end_to_end = settings.block_local_fraction < 1
+    widest = max(b.n_ff * max(b.n_expert_used, 1) for b in cfg.blocks)
+    per_token = 4 * (24 * cfg.n_embd + 4 * cfg.n_head * settings.ctx + 6 * widest)   # one block's activations
+    parts: dict[str, int] = {}
+    if end_to_end:
+        tokens = settings.e2e.batch * settings.ctx
+        parts["student"] = 4 * weights.n_params()
+        parts["teacher"] = 4 * teacher.n_params()
+        parts["end-to-end gradients + AdamW"] = 12 * weights.n_params()
+        parts["end-to-end activations"] = tokens * (cfg.n_layer * per_token + 24 * cfg.vocab_size)
+    else:
+        parts["student (trained blocks)"] = sum(layer_bytes[j] for j in blocks)
+    if blocks:
+        parts["block-local gradients + AdamW"] = 3 * max(layer_bytes[j] for j in blocks)
+        parts["block-local activations"] = settings.block_local.batch * settings.ctx * per_token
+        parts["teacher stream"] = (settings.cached_sequences() * settings.ctx * cfg.n_embd * 4 + teacher_layer
+                                   + 4 * cfg.vocab_size * cfg.n_embd)
+    parts["runtime"] = RUNTIME_BYTES
+    return MemoryNeed(parts, None if end_to_end else blocks)
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate without swapping (the OS's estimate)."""
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(weights: Weights, teacher: Weights, plan: FusionPlan, settings: HealSettings) -> MemoryNeed:
+    """`memory_need`, or one clear D2MError (exit 2) before any work when it exceeds the available memory."""
+    need, have = memory_need(weights, teacher, plan, settings), available_memory()
+    if need.total > have:
+        hint = ("--block-local-fraction 1 (block-local only: the trained blocks in memory, not the model) or "
+                if need.loaded_blocks is None else "")
+        raise D2MError(f"healing needs about {need.total / 1e9:.1f} GB of memory ({need.describe()} GB), "
+                       f"{have / 1e9:.1f} GB are available: heal with {hint}a smaller --heal-tokens budget, "
+                       f"write the unhealed model with --no-heal, or heal end to end where the memory is "
+                       f"(`--save-hf`, then `d2m distill` on a GPU machine)")
+    return need
+
+
 # -- idle experts ------------------------------------------------------------------------------------------
 
-def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4) -> dict[int, list[float]]:
-    """Share of routed slots per expert, per MoE block, on `chunks`."""
+@torch.no_grad()
+def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4,
+                 fallback: Weights | None = None) -> dict[int, list[float]]:
+    """Share of routed slots per expert, per MoE block, on `chunks`; layer by layer (weights.LayerStream), the
+    blocks of a partial model that were never loaded read from `fallback`."""
     from .model import MoEFFN
 
+    stream = LayerStream(Weights.of_model(model, fallback))
+    cos, sin = stream.rope(chunks.shape[1])
+    xs = [stream.embed(chunks[i:i + batch]) for i in range(0, len(chunks), batch)]
+    stream.release_embedding()
     counts: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for i in range(0, len(chunks), batch):
-            model(chunks[i:i + batch])
-            for j, block in enumerate(model.layers):
-                if isinstance(block.mlp, MoEFFN):
-                    sel = block.mlp.last_selection
-                    n = block.mlp.experts.gate_proj.shape[0]
-                    counts[j] = counts.get(j, torch.zeros(n)) + torch.bincount(sel.flatten(), minlength=n)
+    for j, block in stream.blocks():
+        for k, x in enumerate(xs):
+            xs[k] = block(x, cos, sin)
+            if isinstance(block.mlp, MoEFFN):
+                n = block.mlp.experts.gate_proj.shape[0]
+                sel = block.mlp.last_selection
+                counts[j] = counts.get(j, torch.zeros(n)) + torch.bincount(sel.flatten(), minlength=n)
     return {j: (c / c.sum()).tolist() for j, c in counts.items()}
 
 
-def drop_idle(model: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor,
-              min_share: float) -> tuple[HybridModel, FusionPlan, dict[int, list[float]]]:
+def drop_idle(model: HybridModel, plan: FusionPlan, spec: DenseSpec, chunks: torch.Tensor, min_share: float,
+              fallback: Weights | None = None) -> tuple[HybridModel, FusionPlan, dict[int, list[float]]]:
     """The expert usage on (up to) 16 calibration sequences, and the model and plan without the experts used
     less than `min_share` (upcycle.drop_idle_experts)."""
-    usage = expert_usage(model, chunks[:16])
+    usage = expert_usage(model, chunks[:16], fallback=fallback)
     model, plan = drop_idle_experts(model, plan, spec, usage, min_share)
     return model, plan, usage
 

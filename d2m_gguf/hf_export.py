@@ -22,22 +22,26 @@ the PyTorch reference.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .checkpoint import Checkpoint
 from .errors import D2MError
-from .model import HybridModel, hf_config_dict, hybrid_config_of
+from .model import HybridConfig, HybridModel, hf_config_dict, hybrid_config_of
 from .plan import FusionPlan, identity_plan, load_plan, parse_plan, validate_plan
 from .spec import SOURCE_CONFIG_KEY, DenseSpec, load_config, load_dense_spec
-from .stock_export import pad_ffn, standard_obstacles
+from .stock_export import padded_shape, pad_ffn, standard_obstacles
 from .tensor_names import gguf_name
-from .upcycle import upcycle
+from .upcycle import plan_weights
+from .weights import Weights, as_weights, state_shapes
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json", "added_tokens.json")
@@ -51,41 +55,55 @@ WIDTHS_KEY = "d2m_feed_forward_length"   # each block's FFN width, where narrowe
 _SOURCE_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")   # what generate() reads from the config
 
 
-def save_hf_checkpoint(model: HybridModel, plan: FusionPlan, spec: DenseSpec, source_dir: Path, out_dir: Path) -> str:
-    """Save `model` (module docstring); returns the class it was saved as."""
+def save_hf_checkpoint(model: HybridModel | Weights, plan: FusionPlan, spec: DenseSpec, source_dir: Path,
+                       out_dir: Path) -> str:
+    """Save `model` (module docstring), one tensor in memory at a time; returns the class it was saved as."""
+    weights = as_weights(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in _TOKENIZER_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copy(Path(source_dir) / name, out_dir / name)
     (out_dir / PLAN_FILE).write_text(plan.dumps(), encoding="utf-8")
-    if not standard_obstacles(model.cfg):
-        config, tensors = _source_class(model, plan, spec)
+    if not standard_obstacles(weights.cfg):
+        width = max(b.n_ff for b in weights.cfg.blocks)
+        config = _source_class_config(weights.cfg, plan, spec, width)
     else:
-        config, tensors = _dense2moe_class(model, plan, spec)
+        width, config = None, _dense2moe_class_config(weights.cfg, plan, spec)
         for name in MODEL_CODE:
             shutil.copy(Path(__file__).parent / name, out_dir / name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    shapes = {k: padded_shape(gguf_name(k), shape, width) for k, shape in weights.shapes.items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, shapes, lambda k: pad_ffn(weights.numpy(k), gguf_name(k), width), {"format": "pt"})
     return config["architectures"][0]
 
 
-def _tensors(model: HybridModel, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """The reference's state dict (transformers' names already), float32, FFNs zero-padded to `pad_to`."""
-    out = {}
-    for key, value in model.state_dict().items():
-        data = value.detach().to("cpu", torch.float32)
-        if pad_to is not None:
-            data = torch.from_numpy(pad_ffn(data.numpy(), gguf_name(key), pad_to))
-        out[key] = data.contiguous()
-    return out
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
+                      metadata: dict[str, str]) -> None:
+    """A float32 safetensors file of the tensors `shapes` lists, each loaded, written and dropped in turn
+    (safetensors' save_file takes every tensor in memory at once). The format: an 8-byte little-endian
+    header length, the JSON header (names, dtypes, shapes, byte offsets), the tensors' bytes in order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)      # the tensors start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, shape in shapes.items():
+            data = np.ascontiguousarray(load(key), dtype="<f4")
+            if data.shape != tuple(shape):
+                raise AssertionError(f"{key}: loaded {data.shape}, declared {shape}")
+            f.write(data.tobytes())
 
 
-def _source_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of `model` as a checkpoint of the source's class."""
-    cfg = model.cfg
-    width = max(b.n_ff for b in cfg.blocks)
+def _source_class_config(cfg: HybridConfig, plan: FusionPlan, spec: DenseSpec, width: int) -> dict:
+    """The config.json of a model of `cfg` saved as the source's class (FFNs zero-padded to `width`)."""
     config = {**spec.config, "num_hidden_layers": cfg.n_layer, "intermediate_size": width,
               PLAN_KEY: json.loads(plan.dumps())}
     if any(b.n_ff != width for b in cfg.blocks):
@@ -95,20 +113,19 @@ def _source_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tupl
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = "float32"
-    return config, _tensors(model, pad_to=width)
+    return config
 
 
-def _dense2moe_class(model: HybridModel, plan: FusionPlan, spec: DenseSpec) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = {"architectures": [DENSE2MOE_CLASS], "model_type": "dense2moe", "auto_map": AUTO_MAP,
-              **hf_config_dict(model.cfg), "torch_dtype": "float32",
-              **{k: spec.config[k] for k in _SOURCE_KEYS if k in spec.config},
-              SOURCE_CONFIG_KEY: spec.config, PLAN_KEY: json.loads(plan.dumps())}
-    return config, _tensors(model)
+def _dense2moe_class_config(cfg: HybridConfig, plan: FusionPlan, spec: DenseSpec) -> dict:
+    return {"architectures": [DENSE2MOE_CLASS], "model_type": "dense2moe", "auto_map": AUTO_MAP,
+            **hf_config_dict(cfg), "torch_dtype": "float32",
+            **{k: spec.config[k] for k in _SOURCE_KEYS if k in spec.config},
+            SOURCE_CONFIG_KEY: spec.config, PLAN_KEY: json.loads(plan.dumps())}
 
 
-def load_hf_checkpoint(path: Path) -> HybridModel:
-    """A checkpoint `save_hf_checkpoint` wrote (either kind), or one transformers saved from it, as the
-    PyTorch reference."""
+def load_hf_weights(path: Path) -> Weights:
+    """A checkpoint `save_hf_checkpoint` wrote (either kind), or one transformers saved from it, as `Weights`
+    read from it one tensor at a time."""
     path = Path(path)
     config = load_config(path)
     if config.get("model_type") != "dense2moe":
@@ -117,33 +134,36 @@ def load_hf_checkpoint(path: Path) -> HybridModel:
         spec = load_dense_spec(path)
         ckpt = Checkpoint(path)
         ckpt.check(spec)
-        model = upcycle(spec, ckpt, identity_plan(spec.n_layer))
-        return _unpadded(model, config[WIDTHS_KEY]) if WIDTHS_KEY in config else model
+        weights = plan_weights(spec, ckpt, identity_plan(spec.n_layer))
+        return _unpadded(weights, config[WIDTHS_KEY]) if WIDTHS_KEY in config else weights
     try:
         from .configuration_dense2moe import Dense2MoEConfig   # imports transformers: only where needed
 
         # through the config class: transformers' save_pretrained leaves out values equal to its defaults
-        model = HybridModel(hybrid_config_of(Dense2MoEConfig(**config)))
+        cfg = hybrid_config_of(Dense2MoEConfig(**config))
     except (KeyError, TypeError) as e:
         raise D2MError(f"{path}/config.json: not a dense2moe configuration ({e!r} missing or wrong)") from e
     ckpt = Checkpoint(path)
-    expected = model.state_dict()
-    names = [n for n in ckpt.names() if not (model.cfg.tie_word_embeddings and n == "lm_head.weight")]
-    missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
-    if missing or unexpected:
-        raise D2MError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.load_state_dict({n: torch.from_numpy(ckpt.get(n).astype("float32")) for n in names})
-    return model
+    shapes = state_shapes(cfg)
+    names = [n for n in ckpt.names() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    missing, unexpected = sorted(set(shapes) - set(names)), sorted(set(names) - set(shapes))
+    wrong = [n for n in shapes if n in ckpt and ckpt.shape(n) != shapes[n]]
+    if missing or unexpected or wrong:
+        raise D2MError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+    return Weights(cfg, shapes, lambda n: torch.from_numpy(ckpt.get(n).astype("float32")))
 
 
-def _unpadded(model: HybridModel, widths: list[int]) -> HybridModel:
-    """`model` with each block's FFN cut back to its width (the padding is zeros: the same function)."""
-    cfg = model.cfg.with_blocks(replace(b, n_ff=int(w)) for b, w in zip(model.cfg.blocks, widths))
-    out = HybridModel(cfg)
-    state = model.state_dict()
-    for key, value in out.state_dict().items():
-        value.copy_(state[key][tuple(slice(0, n) for n in value.shape)])
-    return out
+def load_hf_checkpoint(path: Path) -> HybridModel:
+    """`load_hf_weights(path)` in memory: the PyTorch reference."""
+    return load_hf_weights(path).materialize()
+
+
+def _unpadded(weights: Weights, widths: list[int]) -> Weights:
+    """`weights` with each block's FFN cut back to its width (the padding is zeros: the same function)."""
+    cfg = weights.cfg.with_blocks(replace(b, n_ff=int(w)) for b, w in zip(weights.cfg.blocks, widths))
+    shapes = state_shapes(cfg)
+    return Weights(cfg, shapes, lambda k: weights.load(k)[tuple(slice(0, n) for n in shapes[k])])
 
 
 def written_by_d2m(path: Path) -> bool:

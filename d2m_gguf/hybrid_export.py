@@ -15,6 +15,7 @@ from .model import HybridConfig, HybridModel
 from .tensor_names import gguf_name
 from .plan import FusionPlan
 from .spec import DenseSpec
+from .weights import Weights, as_weights
 from .vocab import add_vocab
 
 
@@ -60,17 +61,17 @@ def add_provenance(writer: gguf.GGUFWriter, plan: FusionPlan, spec: DenseSpec, h
         writer.add_string(Keys.HEALING, json.dumps(healing, sort_keys=True))
 
 
-def hybrid_tensors(model: HybridModel, outtype: OutType) -> list[TensorOut]:
+def hybrid_tensors(model: HybridModel | Weights, outtype: OutType) -> list[TensorOut]:
+    """The GGUF tensors of a model (in memory, or `Weights` loaded one at a time as they are written)."""
+    weights = as_weights(model)
     out = []
-    for key, value in model.state_dict().items():
+    for key, shape in weights.shapes.items():
         name = gguf_name(key)
-        shape = tuple(value.shape)
-        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype),
-                             lambda v=value: v.detach().to("cpu").float().numpy()))
+        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype), lambda k=key: weights.numpy(k)))
     return out
 
 
-def export_hybrid(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
+def export_hybrid(model: HybridModel | Weights, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
                   outtype: OutType = OutType.F16, pre_tokenizer: str | None = None,
                   healing: dict[str, Any] | None = None, progress: bool = True) -> None:
     """Write `model` as a dense2moe GGUF, with the source's tokenizer and the plan as provenance."""
@@ -78,7 +79,7 @@ def export_hybrid(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir:
 
     def metadata(writer: gguf.GGUFWriter) -> None:
         add_general(writer, hf_dir, outtype)
-        add_hybrid_hparams(writer, model.cfg)
+        add_hybrid_hparams(writer, as_weights(model).cfg)
         add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
         add_provenance(writer, plan, spec, hf_dir, healing)
 

@@ -24,17 +24,17 @@ from .costmodel import get_device
 from .data import DEFAULT_CALIBRATION, Tokenizer, read_text, token_chunks
 from .distill import Budget, E2EConfig, StageLog, frozen_guests
 from .ggufout import OutType
-from .heal import HealSettings, Healed, block_local_config, heal, write_heal_logs
-from .hf_export import load_hf_checkpoint, load_hf_plan, save_hf_checkpoint, written_by_d2m
+from .heal import HealSettings, Healed, block_local_config, check_memory, heal, write_heal_logs
+from .hf_export import load_hf_checkpoint, load_hf_plan, load_hf_weights, save_hf_checkpoint, written_by_d2m
 from .hybrid_export import hybrid_tensors
-from .model import HybridModel
 from .options import setting
 from .plan import FusionPlan, identity_plan, load_plan, plan_summary
 from .planner import PlanRequest, choose_plan
 from .spec import DenseSpec, load_dense_spec
 from .stock_export import ArchChoice, GgufArch, check_arch_reachable, choose_arch, export_model
-from .upcycle import upcycle
+from .upcycle import plan_weights, upcycle
 from .vocab import check_tokenizer
+from .weights import Weights
 
 log = logging.getLogger("d2m")
 
@@ -103,19 +103,20 @@ def run(req: ConvertRequest) -> dict:
     if (inputs.plan is None and req.scores is None) or inputs.healing.enabled:
         chunks = calibration(req.hf_dir, req.text, inputs.healing.ctx, inputs.healing.max_chunks)
     torch.manual_seed(req.seed)
-    teacher = upcycle(inputs.spec, inputs.ckpt, identity_plan(inputs.spec.n_layer))
+    teacher = plan_weights(inputs.spec, inputs.ckpt, identity_plan(inputs.spec.n_layer))   # read as needed
     planned = plan_stage(req, inputs, teacher, chunks)
-    model = upcycle(inputs.spec, inputs.ckpt, planned.plan, seed=req.seed)
+    weights = plan_weights(inputs.spec, inputs.ckpt, planned.plan, seed=req.seed)
     # the exact size is known now: fail before healing, not after it
-    check_output_path(req.out, need_bytes=sum(t.nbytes for t in hybrid_tensors(model, req.outtype)))
+    check_output_path(req.out, need_bytes=sum(t.nbytes for t in hybrid_tensors(weights, req.outtype)))
     req.work.mkdir(parents=True, exist_ok=True)
-    healed, healing = heal_stage(req, inputs, model, teacher, planned.plan, chunks)
+    healed, healing = heal_stage(req, inputs, weights, teacher, planned.plan, chunks)
     summary: dict = {"source": str(req.hf_dir), "output": str(req.out)}
     if planned.predicted is not None:
         summary["predicted"] = planned.predicted
     summary["plan"] = plan_summary(healed.plan)
     summary["healing"] = healing
-    summary["gguf"] = write_stage(req, inputs.spec, healed, healing).record()
+    written = healed.model if isinstance(healed.model, Weights) else Weights.of_model(healed.model, weights)
+    summary["gguf"] = write_stage(req, inputs.spec, written, healed.plan, healing).record()
     (req.work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     return summary
 
@@ -136,7 +137,7 @@ def check_inputs(req: ConvertRequest) -> Inputs:
     return Inputs(spec, ckpt, plan, healing)
 
 
-def plan_stage(req: ConvertRequest, inputs: Inputs, teacher: HybridModel, chunks: torch.Tensor | None) -> Planned:
+def plan_stage(req: ConvertRequest, inputs: Inputs, teacher: Weights, chunks: torch.Tensor | None) -> Planned:
     """The given plan, or one chosen from the layer scores (`--scores`, or analysed now) for the request's
     target; either way with the request's router initialisation, saved as plan.json."""
     planned = Planned(inputs.plan) if inputs.plan is not None else _choose(req, inputs.spec, teacher, chunks)
@@ -146,7 +147,7 @@ def plan_stage(req: ConvertRequest, inputs: Inputs, teacher: HybridModel, chunks
     return planned
 
 
-def _choose(req: ConvertRequest, spec: DenseSpec, teacher: HybridModel, chunks: torch.Tensor | None) -> Planned:
+def _choose(req: ConvertRequest, spec: DenseSpec, teacher: Weights, chunks: torch.Tensor | None) -> Planned:
     req.work.mkdir(parents=True, exist_ok=True)
     if req.scores is not None:
         scores = LayerScores.load(req.scores)
@@ -165,15 +166,23 @@ def _choose(req: ConvertRequest, spec: DenseSpec, teacher: HybridModel, chunks: 
                                  "speedup": round(choice.predicted_speedup, 3)})
 
 
-def heal_stage(req: ConvertRequest, inputs: Inputs, model: HybridModel, teacher: HybridModel, plan: FusionPlan,
+def heal_stage(req: ConvertRequest, inputs: Inputs, weights: Weights, teacher: Weights, plan: FusionPlan,
                chunks: torch.Tensor | None) -> tuple[Healed, dict | None]:
-    """Healing (heal.py) within the request's budget, and its record (heal.json, and the GGUF's metadata)."""
+    """Healing (heal.py) within the request's budget, and its record (heal.json, and the GGUF's metadata).
+
+    Without healing nothing is loaded: the writer reads `weights` one tensor at a time. With it, the memory
+    healing needs is checked first (heal.check_memory: one clear line, exit 2, when it will not fit); without
+    an end-to-end stage only the trained blocks are loaded."""
     if not inputs.healing.enabled:
         if plan.router_init == "fit" and any(b.moe for b in plan.blocks):
             log.warning("router_init 'fit' without healing: routers keep their host initialisation (the pruned model)")
-        return Healed(model, plan), None
+        return Healed(weights, plan), None
     settings = inputs.healing.seeded(req.seed)
-    healed = heal(model, teacher, plan, inputs.spec, chunks, settings, req.work, progress=req.progress)
+    need = check_memory(weights, teacher, plan, settings)
+    log.info("healing needs about %.1f GB of memory (%s)", need.total / 1e9, need.describe())
+    model = weights.materialize(need.loaded_blocks)
+    healed = heal(model, teacher, plan, inputs.spec, chunks, settings, req.work, progress=req.progress,
+                  fallback=weights)
     healing = {"minutes": settings.minutes, "tokens_budget": settings.tokens,
                "block_local_fraction": settings.block_local_fraction, "freeze_guests": settings.freeze_guests,
                "host_first": settings.host_first,
@@ -194,14 +203,15 @@ def _rounded(usage: dict[int, list[float]]) -> dict[str, list[float]]:
     return {str(j): [round(u, 3) for u in v] for j, v in usage.items()}
 
 
-def write_stage(req: ConvertRequest, spec: DenseSpec, healed: Healed, healing: dict | None) -> ArchChoice:
+def write_stage(req: ConvertRequest, spec: DenseSpec, weights: Weights, plan: FusionPlan,
+                healing: dict | None) -> ArchChoice:
     """The GGUF, in the architecture `--gguf-arch` allows (stock_export.choose_arch), and with --save-hf the
-    HF-style checkpoint. Wall-clock times stay in heal.json: the GGUF holds only what the same inputs and seed
-    reproduce."""
-    choice = choose_arch(healed.model.cfg, spec, req.gguf_arch)   # a refusal leaves nothing written, --save-hf too
+    HF-style checkpoint, both written one tensor at a time. Wall-clock times stay in heal.json: the GGUF holds
+    only what the same inputs and seed reproduce."""
+    choice = choose_arch(weights.cfg, spec, req.gguf_arch)   # a refusal leaves nothing written, --save-hf too
     if req.save_hf:
-        save_hf_checkpoint(healed.model, healed.plan, spec, req.hf_dir, req.save_hf)
-    return export_model(healed.model, healed.plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
+        save_hf_checkpoint(weights, plan, spec, req.hf_dir, req.save_hf)
+    return export_model(weights, plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
                         pre_tokenizer=req.pre_tokenizer, healing=_without_timings(healing), progress=req.progress,
                         choice=choice)
 
@@ -218,7 +228,7 @@ def _without_timings(value):
 def export_student(req: ConvertRequest, spec: DenseSpec) -> dict:
     """Write an upcycled HF-style checkpoint (from --save-hf, or `d2m distill`) as a GGUF."""
     source_depth = None if req.student == req.hf_dir else spec.n_layer    # HF_DIR is the result itself
-    model, plan = load_hf_checkpoint(req.student), load_hf_plan(req.student, source_depth)
+    model, plan = load_hf_weights(req.student), load_hf_plan(req.student, source_depth)
     choice = export_model(model, plan, spec, req.hf_dir, req.out, req.outtype, req.gguf_arch,
                           pre_tokenizer=req.pre_tokenizer, progress=req.progress)
     return {"source": str(req.hf_dir), "student": str(req.student), "output": str(req.out),

@@ -29,7 +29,6 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
 
 from .constants import ARCH, DECI, INTERLEAVED_ROPE_ARCHS, runtime_of
 from .dense_export import add_dense_metadata, rope_interleave
@@ -43,6 +42,7 @@ from .plan import FusionPlan
 from .spec import DenseSpec
 from .upcycle import hybrid_config
 from .vocab import add_vocab
+from .weights import Weights, as_weights
 
 log = logging.getLogger("d2m")
 
@@ -151,12 +151,12 @@ def check_arch_reachable(plan: FusionPlan, spec: DenseSpec, wanted: GgufArch, he
 
 # -- writing ------------------------------------------------------------------------------------------------
 
-def _stock_array(value: torch.Tensor, name: str, cfg: HybridConfig, arch: str, n_ff: int | None) -> np.ndarray:
-    data = value.detach().to("cpu").float().numpy()
+def _stock_array(weights: Weights, key: str, name: str, arch: str, n_ff: int | None) -> np.ndarray:
+    data = weights.numpy(key)
     if arch in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_q.weight", "attn_q.bias")):
-        data = rope_interleave(data, cfg.n_head)
+        data = rope_interleave(data, weights.cfg.n_head)
     elif arch in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_k.weight", "attn_k.bias")):
-        data = rope_interleave(data, cfg.n_head_kv)
+        data = rope_interleave(data, weights.cfg.n_head_kv)
     return pad_ffn(data, name, n_ff)
 
 
@@ -171,7 +171,7 @@ def pad_ffn(data: np.ndarray, name: str, n_ff: int | None) -> np.ndarray:
     return data
 
 
-def _padded_shape(name: str, shape: tuple[int, ...], n_ff: int | None) -> tuple[int, ...]:
+def padded_shape(name: str, shape: tuple[int, ...], n_ff: int | None) -> tuple[int, ...]:
     if n_ff is not None and name.endswith(("ffn_gate.weight", "ffn_up.weight")):
         return (n_ff, shape[1])
     if n_ff is not None and name.endswith("ffn_down.weight"):
@@ -179,14 +179,15 @@ def _padded_shape(name: str, shape: tuple[int, ...], n_ff: int | None) -> tuple[
     return shape
 
 
-def stock_tensors(model: HybridModel, choice: ArchChoice, outtype: OutType) -> list[TensorOut]:
+def stock_tensors(model: HybridModel | Weights, choice: ArchChoice, outtype: OutType) -> list[TensorOut]:
     """The model's tensors under their (shared) GGUF names, laid out as `choice.arch` reads them."""
+    weights = as_weights(model)
     out = []
-    for key, value in model.state_dict().items():
+    for key, shape in weights.shapes.items():
         name = gguf_name(key)
-        shape = _padded_shape(name, tuple(value.shape), choice.n_ff)
+        shape = padded_shape(name, shape, choice.n_ff)
         out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype),
-                             lambda v=value, n=name: _stock_array(v, n, model.cfg, choice.arch, choice.n_ff)))
+                             lambda k=key, n=name: _stock_array(weights, k, n, choice.arch, choice.n_ff)))
     return out
 
 
@@ -197,34 +198,35 @@ def _add_deci_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
     writer.add_feed_forward_length([b.n_ff for b in cfg.blocks])
 
 
-def export_stock(model: HybridModel, choice: ArchChoice, plan: FusionPlan, spec: DenseSpec, hf_dir: Path,
+def export_stock(model: HybridModel | Weights, choice: ArchChoice, plan: FusionPlan, spec: DenseSpec, hf_dir: Path,
                  out_path: Path, outtype: OutType = OutType.F16, pre_tokenizer: str | None = None,
                  healing: dict[str, Any] | None = None, progress: bool = True) -> None:
     """Write `model` as the stock architecture `choice` names, with the plan as provenance (d2m.* keys)."""
     if choice.arch == ARCH:
         raise ValueError("export_stock writes stock architectures; dense2moe is export_hybrid's")
-    tensors = stock_tensors(model, choice, outtype)
+    weights = as_weights(model)
+    tensors = stock_tensors(weights, choice, outtype)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
         if choice.arch == DECI:
             add_general(writer, hf_dir, outtype)
-            _add_deci_hparams(writer, model.cfg)
+            _add_deci_hparams(writer, weights.cfg)
             add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
         else:
-            add_dense_metadata(writer, replace(spec, n_layer=model.cfg.n_layer, n_ff=choice.n_ff), hf_dir, outtype,
+            add_dense_metadata(writer, replace(spec, n_layer=weights.cfg.n_layer, n_ff=choice.n_ff), hf_dir, outtype,
                                pre_tokenizer)
         add_provenance(writer, plan, spec, hf_dir, healing)
 
     write_gguf(out_path, choice.arch, tensors, metadata, progress=progress, desc=f"{choice.arch} export")
 
 
-def export_model(model: HybridModel, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
+def export_model(model: HybridModel | Weights, plan: FusionPlan, spec: DenseSpec, hf_dir: Path, out_path: Path,
                  outtype: OutType = OutType.F16, gguf_arch: GgufArch = GgufArch.AUTO,
                  pre_tokenizer: str | None = None, healing: dict[str, Any] | None = None,
                  progress: bool = True, choice: ArchChoice | None = None) -> ArchChoice:
     """Write `model` in the architecture `choose_arch` picks (or `choice`, where the caller made it already);
     returns the choice (logged with its reason)."""
-    choice = choice or choose_arch(model.cfg, spec, gguf_arch)
+    choice = choice or choose_arch(as_weights(model).cfg, spec, gguf_arch)
     if choice.arch == ARCH:
         export_hybrid(model, plan, spec, hf_dir, out_path, outtype, pre_tokenizer=pre_tokenizer, healing=healing,
                       progress=progress)

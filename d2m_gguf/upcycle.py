@@ -22,6 +22,7 @@ from .errors import D2MError
 from .model import BlockConfig, HybridConfig, HybridModel
 from .plan import BlockPlan, FusionPlan, trained_blocks, validate_plan
 from .spec import DenseSpec
+from .weights import Weights, layer_of, state_shapes
 
 
 def hybrid_config(spec: DenseSpec, plan: FusionPlan) -> HybridConfig:
@@ -50,79 +51,78 @@ class _Source:
     def layer(self, i: int, name: str) -> torch.Tensor:
         return self.get(f"model.layers.{i}.{name}")
 
-    def mlp(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, down) of layer i with its FFN norm gain folded into gate and up."""
-        gain = self.layer(i, "post_attention_layernorm.weight")
-        return (self.layer(i, "mlp.gate_proj.weight") * gain,
-                self.layer(i, "mlp.up_proj.weight") * gain,
-                self.layer(i, "mlp.down_proj.weight"))
+    def folded(self, i: int, proj: str) -> torch.Tensor:
+        """Layer i's gate, up or down projection, with its FFN norm gain folded into gate and up."""
+        weight = self.layer(i, f"mlp.{proj}_proj.weight")
+        return weight if proj == "down" else weight * self.layer(i, "post_attention_layernorm.weight")
 
 
-def _copy_attention(dst, src: _Source, i: int) -> None:
-    """Source layer i's attention and its norm into block `dst` (the same names on both sides)."""
-    for key, param in dst.named_parameters():
-        if key.startswith(("input_layernorm.", "self_attn.")):
-            param.copy_(src.layer(i, key))
-
-
-def init_router(moe, plan: FusionPlan, split: int, generator: torch.Generator) -> None:
-    """`random`: logits ~ N(0, 1) on unit-RMS input. `host`: always the first source's experts, so the
-    block computes exactly what pruning the other sources computes. `fit` starts as `host` (an unhealed
-    LF-UC model is the pruned model, never worse) and is fitted by the healing stage (heal.py)."""
-    weight, bias = moe.router.weight, moe.router.bias
-    bias.zero_()
+def router_init(plan: FusionPlan, split: int, shape: tuple[int, int],
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a router. `random`: logits ~ N(0, 1) on unit-RMS input. `host`: always the first
+    source's experts, so the block computes exactly what pruning the other sources computes. `fit` starts as
+    `host` (an unhealed LF-UC model is the pruned model, never worse) and is fitted by the healing stage
+    (heal.py)."""
+    bias = torch.zeros(shape[0])
     if plan.router_init in ("host", "fit"):
-        weight.zero_()
         bias[:split] = 1.0  # any margin selects the host; a small one leaves the router free to learn
-    else:
-        weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+        return torch.zeros(shape), bias
+    return torch.randn(shape, generator=generator) / shape[1] ** 0.5, bias
 
 
-@torch.no_grad()
-def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) -> HybridModel:
-    """Build the dense2moe model of `plan` from a dense checkpoint."""
+def plan_weights(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0) -> Weights:
+    """The dense2moe model of `plan`, each tensor computed from the dense checkpoint when it is loaded.
+
+    Copies attentions, folds norm gains, stacks experts, initialises routers (module docstring); a router's
+    random draws come from a generator of (seed, block), so any tensor can be made alone, in any order."""
     validate_plan(plan, n_layer=spec.n_layer, n_ff=spec.n_ff)
-    model = HybridModel(hybrid_config(spec, plan))
+    cfg = hybrid_config(spec, plan)
+    shapes = state_shapes(cfg)
     src = _Source(ckpt)
-    generator = torch.Generator().manual_seed(seed)
-
-    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):   # the same names
-        if key in model.state_dict():
-            model.get_parameter(key).copy_(src.get(key))
-
     try:
         healed = set(trained_blocks(plan))
     except D2MError:   # sources not monotonic: block-local healing refuses the plan, so nothing is trained
         healed = set()
-    for j, (block, b) in enumerate(zip(model.layers, plan.blocks)):
-        if b.attention is not None:
-            _copy_attention(block, src, b.attention)
-        ffn = block.mlp
-        if not b.moe and len(b.mlp) == 1 and j not in healed:
-            s = b.mlp[0]
-            block.post_attention_layernorm.weight.copy_(src.layer(s, "post_attention_layernorm.weight"))
-            ffn.gate_proj.weight.copy_(src.layer(s, "mlp.gate_proj.weight"))
-            ffn.up_proj.weight.copy_(src.layer(s, "mlp.up_proj.weight"))
-            ffn.down_proj.weight.copy_(src.layer(s, "mlp.down_proj.weight"))
-            continue
-        block.post_attention_layernorm.weight.fill_(1.0)
-        mlps = [src.mlp(s) for s in b.mlp]
+
+    def load(key: str) -> torch.Tensor:
+        j = layer_of(key)
+        if j is None:
+            return src.get(key)     # embeddings, final norm, LM head: the same names
+        b, rest = plan.blocks[j], key.split(".", 3)[3]
+        if rest.startswith(("input_layernorm.", "self_attn.")):
+            return src.layer(b.attention, rest)
+        copy = not b.moe and len(b.mlp) == 1 and j not in healed     # an exact copy of one layer, unfolded
+        if rest.startswith("post_attention_layernorm."):
+            return src.layer(b.mlp[0], rest) if copy else torch.ones(shapes[key])
+        if copy:
+            return src.layer(b.mlp[0], rest)
+        if rest.startswith("mlp.router."):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+            weight, bias = router_init(plan, b.split, shapes[f"model.layers.{j}.mlp.router.weight"], g)
+            return weight if rest.endswith("weight") else bias
+        proj = rest.split(".")[-2 if rest.endswith(".weight") else -1][:-len("_proj")]
         if b.moe:
             # source m's neurons [c*w, (c+1)*w) become expert m*split + c; scaling its down projection by
             # `split` makes the `split` experts of one MLP, equally weighted, sum back to that MLP
             w = spec.n_ff // b.split
-            for m, (gate, up, down) in enumerate(mlps):
-                for c in range(b.split):
-                    e, rows = m * b.split + c, slice(c * w, (c + 1) * w)
-                    ffn.experts.gate_proj[e].copy_(gate[rows])
-                    ffn.experts.up_proj[e].copy_(up[rows])
-                    ffn.experts.down_proj[e].copy_(down[:, rows] * b.split)
-            init_router(ffn, plan, b.split, generator)
-        else:  # one wide dense FFN = the sum of the source MLPs
-            ffn.gate_proj.weight.copy_(torch.cat([m[0] for m in mlps], dim=0))
-            ffn.up_proj.weight.copy_(torch.cat([m[1] for m in mlps], dim=0))
-            ffn.down_proj.weight.copy_(torch.cat([m[2] for m in mlps], dim=1))
-    return model
+            parts = []
+            for s in b.mlp:
+                full = src.folded(s, proj)
+                parts += [full[:, c * w:(c + 1) * w] * b.split if proj == "down" else full[c * w:(c + 1) * w]
+                          for c in range(b.split)]
+            return torch.stack(parts)
+        # one wide dense FFN = the sum of the source MLPs
+        return torch.cat([src.folded(s, proj) for s in b.mlp], dim=1 if proj == "down" else 0)
+
+    return Weights(cfg, shapes, load)
+
+
+@torch.no_grad()
+def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0,
+            blocks: list[int] | None = None) -> HybridModel:
+    """The dense2moe model of `plan` from a dense checkpoint, in memory: whole, or (`blocks`) only those
+    blocks, the rest on the `meta` device (`Weights.materialize`)."""
+    return plan_weights(spec, ckpt, plan, seed).materialize(blocks)
 
 
 _EXPERT_TENSORS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "router.weight", "router.bias")
@@ -166,6 +166,7 @@ def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usa
     dropped = {j: sorted(earlier.get(j, []) + dropped.get(j, [])) for j in sorted({*earlier, *dropped}, key=int)}
     pruned = replace(plan, blocks=tuple(blocks), notes={**plan.notes, "idle_experts_dropped": dropped})
     validate_plan(pruned, n_layer=spec.n_layer, n_ff=spec.n_ff)
-    out = HybridModel(hybrid_config(spec, pruned))
-    out.load_state_dict(state)
-    return out, pruned
+    with torch.device("meta"):     # the tensors are the model's own (a partial model's unloaded ones stay meta)
+        out = HybridModel(hybrid_config(spec, pruned))
+    out.load_state_dict(state, assign=True)
+    return out.train(model.training), pruned

@@ -49,7 +49,7 @@ from ..reader import field as gguf_field, open_gguf
 from .llamabench import bench_args, llama_bench, parse_llama_bench, runtime_args, speed_rows
 from .pareto import front_rows, headline, measured, num as _num, plot_front, row_label
 from .provenance import provenance
-from .tables import markdown_table, read_provenance_lines, write_table
+from .tables import markdown_table, publish as publish_files, read_provenance_lines, write_table
 from .variants import Variant, build_plan_variant, build_variant, cached_build, heal_key, results_setting
 
 log = logging.getLogger("d2m")
@@ -493,12 +493,7 @@ def depth_front(rows: list[dict], depth: int, qcol: str, qname: str, picture: Pa
 
 def publish(out_dir: Path, dest: Path) -> None:
     """The run's tables, pictures and settings copied to `dest` (its former files of these kinds replaced)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("pareto-d*.png"):
-        old.unlink()
-    for f in [out_dir / "matrix.md", out_dir / "matrix.csv", out_dir / "settings.json",
-              *sorted(out_dir.glob("pareto-d*.png"))]:
-        shutil.copy2(f, dest / f.name)
+    publish_files(out_dir, dest, ("matrix.md", "matrix.csv", "settings.json"), "pareto-d*.png")
 
 
 def _slug(p: Path) -> str:

@@ -65,6 +65,15 @@ def machine(cpuinfo: Path = CPUINFO) -> str:
     return f"{model} ({platform.machine()}), {os.cpu_count() or '?'} cores; {simd}"
 
 
+def memory() -> str:
+    """The machine's total RAM ("23.4 GiB RAM"), for tables whose numbers depend on it (`d2m bench scale`)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "unknown RAM"
+    return f"{total / 2**30:.1f} GiB RAM"
+
+
 def command(argv: list[str]) -> str:
     """The command line as run; `python -m pkg` for a package's __main__ (whose argv[0] is its file)."""
     argv = [str(a) for a in argv]
@@ -73,4 +82,4 @@ def command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-__all__ = ["provenance", "git_commit", "machine", "command"]
+__all__ = ["provenance", "git_commit", "machine", "memory", "command"]

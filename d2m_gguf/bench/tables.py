@@ -7,7 +7,9 @@ The markdown opens with the provenance block of the run (`provenance.provenance(
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
+from typing import Iterable
 
 
 def provenance_lines(prov: dict[str, str]) -> list[str]:
@@ -47,4 +49,14 @@ def read_provenance_lines(md: Path) -> list[str]:
     return [line for line in head.splitlines() if line.startswith("- ")]
 
 
-__all__ = ["write_table", "markdown_table", "provenance_lines", "read_provenance_lines"]
+def publish(out_dir: Path, dest: Path, names: Iterable[str], pictures: str) -> None:
+    """A run's files `names` and its pictures (the glob `pictures`) copied from `out_dir` to `dest` (e.g. docs/...);
+    the pictures `dest` had from an earlier run are removed first, so none is left over."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob(pictures):
+        old.unlink()
+    for f in [*(out_dir / n for n in names), *sorted(out_dir.glob(pictures))]:
+        shutil.copy2(f, dest / f.name)
+
+
+__all__ = ["write_table", "markdown_table", "provenance_lines", "read_provenance_lines", "publish"]
