@@ -81,7 +81,13 @@ class TensorOut:
 
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """Float data -> the bytes of `qtype` (gguf-py's reference quantizers, as upstream)."""
+    """Float data -> the bytes of `qtype` (gguf-py's reference quantizers, as upstream). F16 goes through
+    torch's conversion instead of numpy's astype: the same IEEE round-to-nearest-even bits (tests hold the
+    files to upstream's byte for byte), vectorised and on every core, where numpy's took a third of a 1.5 B
+    model's write."""
+    if qtype == Q.F16 and data.dtype == np.float32:
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float16).numpy()
     return gguf.quants.quantize(data, qtype)
 
 
