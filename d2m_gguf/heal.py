@@ -309,12 +309,15 @@ def check_memory(weights: Weights, teacher: Weights, plan: FusionPlan, settings:
     (less MEMORY_HEADROOM)."""
     need, have = memory_need(weights, teacher, plan, settings), available_memory()
     if need.total > MEMORY_HEADROOM * have:
-        hint = ("--block-local-fraction 1 (block-local only: the trained blocks in memory, not the model) or "
-                if need.loaded_blocks is None else "")
+        if need.loaded_blocks is None:
+            instead = ("heal block-local only with --block-local-fraction 1 (the trained blocks in memory, not the "
+                       "model)")
+        else:
+            instead = (f"fuse fewer layers (--fuse: the largest healed block alone needs "
+                       f"{need.parts.get('block-local gradients + AdamW', 0) / 1e9:.1f} GB of gradients and AdamW state)")
         raise D2MError(f"healing needs about {need.total / 1e9:.1f} GB of memory ({need.describe()} GB), "
-                       f"{have / 1e9:.1f} GB are available: heal with {hint}a smaller --heal-tokens budget, "
-                       f"write the unhealed model with --no-heal, or heal end to end where the memory is "
-                       f"(`--save-hf`, then `d2m distill` on a GPU machine)")
+                       f"{have / 1e9:.1f} GB are available: {instead}, write the unhealed model with --no-heal, "
+                       f"or heal where the memory is (`--save-hf`, then `d2m distill` on a GPU machine)")
     return need
 
 

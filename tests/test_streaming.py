@@ -155,7 +155,7 @@ def test_healing_that_will_not_fit_refuses_before_any_work(tiny_dirs, tmp_path, 
                                        "--heal-tokens", "1000", "--block-local-fraction", "1", "--quiet"])
     assert result.exit_code == 2
     line = result.output.strip().splitlines()[-1]
-    assert "healing needs about" in line and "GB are available" in line and "--no-heal" in line
+    assert "healing needs about" in line and "GB are available" in line and "--no-heal" in line and "--fuse" in line
     assert not out.exists() and not list(tmp_path.glob("out.gguf*.tmp*"))
 
 

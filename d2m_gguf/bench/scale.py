@@ -365,16 +365,26 @@ def plot_scale(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
+    sizes = sorted({r["params"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "seconds", "wall time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
         for stage in STAGES:
             pts = sorted((r["params"], num(r[key])) for r in rows if r["stage"] == stage and r["status"] == "ok"
                          and num(r[key]))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=stage)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=stage)
+                for r in rows:   # a refused or failed size: an x at the stage's last measured value
+                    if r["stage"] == stage and r["status"] != "ok" and r["params"] > pts[-1][0]:
+                        ax.plot([r["params"]], [pts[-1][1]], marker="x", ms=9, color=line.get_color())
+                        ax.annotate(r["status"], (r["params"], pts[-1][1]), textcoords="offset points",
+                                    xytext=(-44, -4), fontsize=7, color=line.get_color())
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("parameters")
+        ax.set_xticks(sizes, [f"{n / 1e9:.2g}B" for n in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("parameters (an x: refused or failed at that size)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
