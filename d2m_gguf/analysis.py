@@ -72,8 +72,7 @@ def analyze(model: HybridModel | Weights, chunks: torch.Tensor, batch: int = 4, 
     sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("influence", "angle", "attn", "mlp")}
     neighbor = torch.zeros(max(n - 1, 0), dtype=torch.float64)
     cos, sin = stream.rope(chunks.shape[1])
-    xs = [stream.embed(chunks[i:i + batch]) for i in range(0, len(chunks), batch)]
-    stream.release_embedding()
+    xs = stream.embed_batches(chunks, batch)
     prev_fs: list[torch.Tensor | None] = [None] * len(xs)
     for layer, block in tqdm(stream.blocks(), total=n, desc="analyze (layers)", disable=not progress, leave=False):
         for k, x in enumerate(xs):

@@ -126,8 +126,7 @@ class TeacherCache:
         last = max(self.boundaries)
         cos, sin = stream.rope(t)
         with torch.no_grad():
-            xs = [stream.embed(chunks[i:i + batch]) for i in range(0, n, batch)]
-            stream.release_embedding()
+            xs = stream.embed_batches(chunks, batch)
             self._store(0, xs, batch)
             for layer, block in tqdm(stream.blocks(upto=last), total=last, desc="teacher activations (layers)",
                                      disable=not progress, leave=False):

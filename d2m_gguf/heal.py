@@ -332,8 +332,7 @@ def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4,
 
     stream = LayerStream(Weights.of_model(model, fallback))
     cos, sin = stream.rope(chunks.shape[1])
-    xs = [stream.embed(chunks[i:i + batch]) for i in range(0, len(chunks), batch)]
-    stream.release_embedding()
+    xs = stream.embed_batches(chunks, batch)
     counts: dict[int, torch.Tensor] = {}
     for j, block in stream.blocks():
         for k, x in enumerate(xs):

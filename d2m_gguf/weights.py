@@ -110,15 +110,11 @@ class LayerStream:
     def __init__(self, source: "HybridModel | Weights"):
         self.weights = as_weights(source)
         self.cfg = self.weights.cfg
-        self._embedding: torch.Tensor | None = None
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self._embedding is None:
-            self._embedding = self.weights.load("model.embed_tokens.weight")
-        return F.embedding(tokens, self._embedding)
-
-    def release_embedding(self) -> None:
-        self._embedding = None
+    def embed_batches(self, chunks: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """The embeddings of token chunks [N, T] in batches of `batch` sequences (the embedding dropped after)."""
+        table = self.weights.load("model.embed_tokens.weight")
+        return [F.embedding(chunks[i:i + batch], table) for i in range(0, len(chunks), batch)]
 
     def rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(torch.arange(n_tokens), self.cfg.head_dim, self.cfg.rope_theta)
