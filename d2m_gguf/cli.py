@@ -348,6 +348,7 @@ def plan_cmd(hf_dir: Path, scores: Path | None, text: Path | None, ctx: int | No
     click.echo(f"wrote {output}: {req.method} fuse={choice.fuse} {json.dumps(plan_summary(choice.plan))}")
     click.echo(f"predicted on {dev.name} at depth {req.depth}: {choice.dense_bytes / 1e6:.1f} -> "
                f"{choice.plan_bytes / 1e6:.1f} MB/token, speedup x{choice.predicted_speedup:.2f}")
+    click.echo(f"bound: {choice.bound()}")
 
 
 def _distill_options(fn):

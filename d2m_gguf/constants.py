@@ -16,7 +16,7 @@ FORMAT_VERSION = 1
 
 # the stock llama.cpp architectures d2m writes where they compute the model exactly (stock_export.py)
 DECI = "deci"
-STOCK_ARCHS = ("llama", "qwen2", "qwen3", DECI)
+STOCK_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", DECI)
 INTERLEAVED_ROPE_ARCHS = ("llama", DECI)   # llama.cpp's NORM RoPE: q/k rows permuted from HF's rotate-half
 STOCK_RUNTIME = "stock llama.cpp"
 PATCHED_RUNTIME = "the patched llama.cpp"
@@ -49,6 +49,13 @@ class Keys:
     VOCAB_SIZE = gguf.Keys.LLM.VOCAB_SIZE.format(arch=ARCH)
     ROPE_FREQ_BASE = gguf.Keys.Rope.FREQ_BASE.format(arch=ARCH)
     ROPE_DIMENSION_COUNT = gguf.Keys.Rope.DIMENSION_COUNT.format(arch=ARCH)
+    # Gemma-style blocks (each absent from a Llama-style file)
+    EMBEDDING_SCALE = gguf.Keys.LLM.EMBEDDING_SCALE.format(arch=ARCH)                # f32
+    FFN_ACTIVATION = f"{ARCH}.feed_forward_activation"                               # "silu" | "gelu"
+    SLIDING_WINDOW = gguf.Keys.Attention.SLIDING_WINDOW.format(arch=ARCH)            # u32
+    SLIDING_WINDOW_PATTERN = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=ARCH)  # bool[n_layer]
+    ROPE_FREQ_BASE_SWA = gguf.Keys.Rope.FREQ_BASE_SWA.format(arch=ARCH)              # f32
+    ATTENTION_SCALE = gguf.Keys.Attention.SCALE.format(arch=ARCH)                    # f32
 
     # provenance: where the model came from and how it was made
     FORMAT = "d2m.format_version"
@@ -60,13 +67,18 @@ class Keys:
     HEALING = "d2m.healing"         # what healing ran, JSON
 
 
-def tensor_name(kind: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = "weight") -> str:
+# each expert's output norm in a Gemma-style MoE block, [n_expert, n_embd]: new in the patch (gguf-py lacks it)
+FFN_POST_NORM_EXPS = "blk.{bid}.post_ffw_norm_exps"
+
+
+def tensor_name(kind: gguf.MODEL_TENSOR | str, bid: int | None = None, suffix: str = "weight") -> str:
     """GGUF name of a tensor, e.g. tensor_name(T.FFN_GATE_EXP, 3) == 'blk.3.ffn_gate_exps.weight'."""
-    base = gguf.TENSOR_NAMES[kind]
+    base = kind if isinstance(kind, str) else gguf.TENSOR_NAMES[kind]
     return f"{base.format(bid=bid) if bid is not None else base}.{suffix}"
 
 
 # tensors of an attention sub-block; none may exist in a layer flagged attention-free
-ATTENTION_TENSORS = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_NORM, T.ATTN_K_NORM)
+ATTENTION_TENSORS = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_NORM, T.ATTN_K_NORM,
+                     T.ATTN_POST_NORM)
 DENSE_FFN_TENSORS = (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
 MOE_FFN_TENSORS = (T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)

@@ -4,7 +4,8 @@ Decoding is memory-bound on phones and CPUs, so a token costs about
 bytes / effective bandwidth. What a token reads:
 - every weight of the blocks it runs, but only the top-k experts of an MoE (plus the router);
 - the LM head (the whole vocab x n_embd matrix) and one embedding row;
-- the KV cache of every attention layer at the current context depth (none for attention-free blocks).
+- the KV cache of every attention layer at the current context depth (none for attention-free blocks; a
+  sliding-window block's cache holds at most its window).
 
 The cost is computed from a tensor inventory, either planned (a HybridConfig and
 the GGML types a quantization will use) or read off a GGUF file.
@@ -128,13 +129,14 @@ def planned_cost(cfg: HybridConfig, types: WeightTypes = WeightTypes(), depth: i
     d, hd = cfg.n_embd, cfg.head_dim
     cost = TokenCost()
     for b in cfg.blocks:
-        layer_bytes = 2 * d * 4  # two norms, f32
+        layer_bytes = (4 if cfg.post_norms else 2) * d * 4  # the norms, f32
         if b.attention:
             n_attn = d * hd * (2 * cfg.n_head + 2 * cfg.n_head_kv)
-            kv = 2 * cfg.n_head_kv * hd * depth * bytes_per_weight(types.kv)
+            seen = min(depth, cfg.sliding_window) if b.sliding and cfg.sliding_window else depth
+            kv = 2 * cfg.n_head_kv * hd * seen * bytes_per_weight(types.kv)
             layer_bytes += n_attn * bytes_per_weight(types.attention) + kv
             cost.kv_bytes += kv
-            cost.flops += 2 * n_attn + 4 * cfg.n_head * hd * depth
+            cost.flops += 2 * n_attn + 4 * cfg.n_head * hd * seen
         if b.is_moe:
             active = 3 * d * b.n_ff * b.n_expert_used
             layer_bytes += active * bytes_per_weight(types.experts) + d * b.n_expert * bytes_per_weight(types.router)

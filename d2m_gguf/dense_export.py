@@ -1,4 +1,4 @@
-"""Dense HF checkpoint -> standard llama.cpp GGUF (`llama`, `qwen2`, `qwen3`).
+"""Dense HF checkpoint -> standard llama.cpp GGUF (`llama`, `qwen2`, `qwen3`, `gemma3`).
 
 The same file llama.cpp's `convert_hf_to_gguf.py` writes (tests hold the two side
 by side), but streamed: tensors are memory-mapped and converted one at a time.
@@ -6,6 +6,7 @@ by side), but streamed: tensors are memory-mapped and converted one at a time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -28,11 +29,31 @@ def rope_uninterleave(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _loader(ckpt: Checkpoint, hf_name: str, n_head_permute: int = 0):
+def _loader(ckpt: Checkpoint, hf_name: str, n_head_permute: int = 0, add: float = 0.0, rows: int | None = None):
+    """Load one tensor: RoPE rows interleaved (`n_head_permute`), `add` added (Gemma's norm gain - 1 -> gain),
+    the first `rows` rows kept (Gemma's embedding without the rows its tokenizer never uses), as upstream."""
     def load() -> np.ndarray:
         data = ckpt.get(hf_name)
+        if rows is not None:
+            data = data[:rows]
+        if add:
+            data = data + np.asarray(add, dtype=data.dtype)
         return rope_interleave(data, n_head_permute) if n_head_permute else data
     return load
+
+
+def tokenizer_rows(hf_dir: Path) -> int:
+    """How many embedding rows upstream's Gemma 3 converter keeps: the tokenizer's tokens (tokenizer.model's
+    pieces, else tokenizer.json's vocabulary plus its added tokens, counted as upstream counts them)."""
+    if (hf_dir / "tokenizer.model").is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(hf_dir / "tokenizer.model"))
+        return sp.vocab_size()
+    with open(hf_dir / "tokenizer.json", encoding="utf-8") as f:
+        tok = json.load(f)
+    return len(tok["model"]["vocab"]) + len(tok["added_tokens"])
 
 
 def gguf_names(spec: DenseSpec) -> dict[str, str]:
@@ -47,6 +68,9 @@ def dense_tensors(spec: DenseSpec, ckpt: Checkpoint, outtype: OutType) -> list[T
     arch = gguf.MODEL_ARCH[spec.dense_gguf_arch.upper()]
     names = gguf.get_tensor_name_map(arch, spec.n_layer)
     permute = spec.dense_gguf_arch == "llama"  # llama.cpp's llama uses interleaved (NORM) RoPE
+    embed_rows = None
+    if spec.family == "gemma3":
+        embed_rows = min(tokenizer_rows(ckpt.dir), spec.vocab_size)
     out = []
     for hf_name in ckpt.names():
         if spec.tie_word_embeddings and hf_name == "lm_head.weight":
@@ -60,7 +84,12 @@ def dense_tensors(spec: DenseSpec, ckpt: Checkpoint, outtype: OutType) -> list[T
         elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             n_head = spec.n_head_kv
         shape = ckpt.shape(hf_name)
-        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype), _loader(ckpt, hf_name, n_head)))
+        add = spec.norm_offset if hf_name.endswith("norm.weight") else 0.0
+        rows = embed_rows if hf_name == "model.embed_tokens.weight" and embed_rows is not None else None
+        if rows is not None:
+            shape = (rows, *shape[1:])
+        out.append(TensorOut(name, shape, tensor_qtype(name, shape, outtype),
+                             _loader(ckpt, hf_name, n_head, add, rows)))
     return out
 
 
@@ -89,4 +118,18 @@ def add_dense_metadata(writer: gguf.GGUFWriter, spec: DenseSpec, hf_dir: Path, o
     if spec.dense_gguf_arch == "llama":
         writer.add_vocab_size(spec.vocab_size)
         writer.add_rope_dimension_count(spec.head_dim)
-    add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+    if spec.family == "gemma3":
+        # what upstream's Gemma 3 converter adds: the window (the 5:1 pattern and the local RoPE base 10000
+        # are llama.cpp's gemma3 defaults, which upstream leaves out of the file; stock_export.py writes them)
+        if "rms_norm_eps" not in spec.config:
+            writer.add_layer_norm_rms_eps(spec.rms_eps)
+        if "rope_theta" not in spec.config:
+            writer.add_rope_freq_base(spec.rope_theta)
+        if spec.config.get("head_dim") is None:
+            writer.add_key_length(spec.head_dim)
+            writer.add_value_length(spec.head_dim)
+        if "rope_local_base_freq" in spec.config:
+            writer.add_rope_freq_base_swa(spec.rope_theta_swa)
+        if spec.sliding_window:
+            writer.add_sliding_window(spec.sliding_window)
+    add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer, spec.family)

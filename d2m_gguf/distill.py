@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import D2MError
 from .options import setting
-from .model import Block, HybridModel, MoEFFN
+from .model import Block, HybridModel, MoEFFN, Positions
 from .plan import FusionPlan, block_spans, trained_blocks
 from .weights import LayerStream, Weights
 
@@ -81,6 +80,8 @@ def frozen_guests(model: HybridModel, plan: FusionPlan, enabled: bool = True):
         mask[b.split:] = 0.0    # experts [0, split) are the host's (upcycle stacks the host first)
         for p in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
             handles.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+        if hasattr(moe.experts, "post_norm"):     # a Gemma-style guest keeps its output norm too
+            handles.append(moe.experts.post_norm.register_hook(lambda grad, mask=mask[:, 0]: grad * mask))
     try:
         yield
     finally:
@@ -124,15 +125,15 @@ class TeacherCache:
         self.maps = {b: np.lib.format.open_memmap(root / f"b{b}.npy", mode="w+", dtype=np.float16, shape=(n, t, d))
                      for b in self.boundaries}
         last = max(self.boundaries)
-        cos, sin = stream.rope(t)
+        pos = stream.positions(t)
         with torch.no_grad():
             xs = stream.embed_batches(chunks, batch)
             self._store(0, xs, batch)
             for layer, block in tqdm(stream.blocks(upto=last), total=last, desc="teacher activations (layers)",
                                      disable=not progress, leave=False):
-                xs = [block(x, cos, sin) for x in xs]
+                xs = [block(x, pos) for x in xs]
                 self._store(layer + 1, xs, batch)
-        self.cos, self.sin = cos, sin
+        self.positions = pos
 
     def _store(self, boundary: int, xs: list[torch.Tensor], batch: int) -> None:
         if boundary in self.maps:
@@ -151,9 +152,7 @@ class TeacherCache:
 
 def expert_outputs(moe: MoEFFN, h: torch.Tensor) -> torch.Tensor:
     """Every expert's output for tokens h [N, D] -> [N, E, D] (training only: computes all of them)."""
-    g = torch.einsum("nd,efd->nef", h, moe.experts.gate_proj)
-    u = torch.einsum("nd,efd->nef", h, moe.experts.up_proj)
-    return torch.einsum("nef,edf->ned", F.silu(g) * u, moe.experts.down_proj)
+    return moe.experts.every(h)
 
 
 def oracle_router_target(outs: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -193,10 +192,11 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return token_errors(out, target).mean()
 
 
-def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, cos, sin, router_target: bool = True):
+def block_train_forward(block: Block, x: torch.Tensor, x_out: torch.Tensor, pos: Positions,
+                        router_target: bool = True):
     """(student output, router loss, balance loss) of one block on teacher input x; `router_target=False`
     skips the router's oracle target (every expert's output on a few tokens) when no router learns from it."""
-    a = block.attention(x, cos, sin)
+    a = block.attention(x, pos)
     hres = x if a is None else x + a
     h = block.post_attention_layernorm(hres)
     if isinstance(block.mlp, MoEFFN):
@@ -252,7 +252,7 @@ def fit_routers(model: HybridModel, plan: FusionPlan, cache: TeacherCache,
         idx = rng.choice(n, size=min(n, max(2, -(-cfg.tokens // t))), replace=False)
         with torch.no_grad():
             x, y = cache.get(s, idx), cache.get(e, idx)
-            a = block.attention(x, cache.cos, cache.sin)
+            a = block.attention(x, cache.positions)
             hres = x if a is None else x + a
             d = hres.shape[-1]
             hres, y = hres.reshape(-1, d), y.reshape(-1, d)
@@ -394,7 +394,7 @@ def _train_block(block: Block, span: tuple[int, int], cache: TeacherCache, budge
         opt.zero_grad(set_to_none=True)
         x, y = cache.get(s, idx), cache.get(e, idx)
         with autocast(block, cfg.precision):
-            out, router, balance = block_train_forward(block, x, y, cache.cos, cache.sin,
+            out, router, balance = block_train_forward(block, x, y, cache.positions,
                                                        router_target=cfg.router_weight > 0)
         rel = relative_error(out.float(), y)
         loss = rel + cfg.router_weight * router + cfg.balance_weight * balance

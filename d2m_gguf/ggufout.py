@@ -47,7 +47,7 @@ class OutType(str, enum.Enum):
 
 
 # weights that llama.cpp keeps in F32 whatever the file type
-_F32_SUFFIXES = ("_norm.weight", "ffn_gate_inp.weight")
+_F32_SUFFIXES = ("_norm.weight", "_norm_exps.weight", "ffn_gate_inp.weight")
 
 
 def tensor_qtype(name: str, shape: Sequence[int], outtype: OutType) -> gguf.GGMLQuantizationType:

@@ -331,12 +331,12 @@ def expert_usage(model: HybridModel, chunks: torch.Tensor, batch: int = 4,
     from .model import MoEFFN
 
     stream = LayerStream(Weights.of_model(model, fallback))
-    cos, sin = stream.rope(chunks.shape[1])
+    pos = stream.positions(chunks.shape[1])
     xs = stream.embed_batches(chunks, batch)
     counts: dict[int, torch.Tensor] = {}
     for j, block in stream.blocks():
         for k, x in enumerate(xs):
-            xs[k] = block(x, cos, sin)
+            xs[k] = block(x, pos)
             if isinstance(block.mlp, MoEFFN):
                 n = block.mlp.experts.gate_proj.shape[0]
                 sel = block.mlp.last_selection

@@ -11,7 +11,8 @@ layers, so `AutoModelForCausalLM.from_pretrained(out)` loads it with no remote c
       d2m_plan.json      the fusion plan
       tokenizer files    copied from the source checkpoint
 
-Any other model (a routed or attention-free block) is saved as `Dense2MoEForCausalLM`, which loads with
+Any other model (a routed or attention-free block, or any Gemma-style model: its norms are stored as the
+multiplier, Gemma's class stores them minus one) is saved as `Dense2MoEForCausalLM`, which loads with
 `trust_remote_code=True` on a machine without d2m_gguf: config.json (`model_type: dense2moe`, `auto_map`,
 per-block `layers`), model.safetensors in the same names (plus mlp.router, mlp.experts.*), and the three
 files of the model's code beside them (model.py, configuration_dense2moe.py, modeling_dense2moe.py).
@@ -65,7 +66,7 @@ def save_hf_checkpoint(model: HybridModel | Weights, plan: FusionPlan, spec: Den
         if (Path(source_dir) / name).is_file():
             shutil.copy(Path(source_dir) / name, out_dir / name)
     (out_dir / PLAN_FILE).write_text(plan.dumps(), encoding="utf-8")
-    if not standard_obstacles(weights.cfg):
+    if not standard_obstacles(weights.cfg) and not weights.cfg.post_norms:
         width = max(b.n_ff for b in weights.cfg.blocks)
         config = _source_class_config(weights.cfg, plan, spec, width)
     else:

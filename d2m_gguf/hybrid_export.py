@@ -46,6 +46,21 @@ def add_hybrid_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
     writer.add_key_value(Keys.EXPERT_USED_COUNT, [b.n_expert_used for b in cfg.blocks], gguf.GGUFValueType.ARRAY, u32)
     writer.add_expert_weights_norm(cfg.normalize_topk)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    add_gemma_hparams(writer, cfg)
+
+
+def add_gemma_hparams(writer: gguf.GGUFWriter, cfg: HybridConfig) -> None:
+    """What Gemma-style blocks add (nothing for a Llama-style model; the output norms are tensors)."""
+    if cfg.embedding_scale != 1.0:
+        writer.add_embedding_scale(cfg.embedding_scale)
+    if cfg.ffn_activation != "silu":
+        writer.add_string(Keys.FFN_ACTIVATION, cfg.ffn_activation)
+    if cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([b.sliding for b in cfg.blocks])
+        writer.add_rope_freq_base_swa(cfg.rope_theta_swa or cfg.rope_theta)
+    if cfg.attention_scale:
+        writer.add_attention_scale(cfg.attention_scale)
 
 
 def add_provenance(writer: gguf.GGUFWriter, plan: FusionPlan, spec: DenseSpec, hf_dir: Path,
@@ -80,7 +95,7 @@ def export_hybrid(model: HybridModel | Weights, plan: FusionPlan, spec: DenseSpe
     def metadata(writer: gguf.GGUFWriter) -> None:
         add_general(writer, hf_dir, outtype)
         add_hybrid_hparams(writer, as_weights(model).cfg)
-        add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+        add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer, spec.family)
         add_provenance(writer, plan, spec, hf_dir, healing)
 
     write_gguf(out_path, ARCH, hybrid_tensors(model, outtype), metadata, progress=progress, desc="dense2moe export")

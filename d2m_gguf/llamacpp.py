@@ -151,8 +151,10 @@ class KvCacheInfo:
 
 
 def parse_kv_cache(log: str) -> KvCacheInfo:
-    """llama.cpp's `llama_kv_cache: size = X MiB (N cells, L layers, ...)` line."""
-    m = _KV.search(log)
-    if not m:
+    """llama.cpp's `llama_kv_cache: size = X MiB (N cells, L layers, ...)` line; a sliding-window model has two
+    caches (the full layers', the windowed layers'): their sizes and layers add up, cells are the larger."""
+    found = list(_KV.finditer(log))
+    if not found:
         raise D2MError("no llama_kv_cache size line in the log")
-    return KvCacheInfo(float(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return KvCacheInfo(sum(float(m.group(1)) for m in found), max(int(m.group(2)) for m in found),
+                       sum(int(m.group(3)) for m in found))

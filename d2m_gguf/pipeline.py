@@ -158,12 +158,15 @@ def _choose(req: ConvertRequest, spec: DenseSpec, teacher: Weights, chunks: torc
     device = get_device(req.device)
     choice = choose_plan(spec, scores, req.request, device)
     choice.plan.save(req.work / "plan.json")
-    log.info("plan: %s fuse=%d %s; predicted x%.2f on %s at depth %d", choice.plan.method, choice.fuse,
-             json.dumps(plan_summary(choice.plan)), choice.predicted_speedup, device.name, req.request.depth)
+    log.info("plan: %s fuse=%d %s; predicted x%.2f on %s at depth %d (%s)", choice.plan.method, choice.fuse,
+             json.dumps(plan_summary(choice.plan)), choice.predicted_speedup, device.name, req.request.depth,
+             choice.bound())
     return Planned(choice.plan, {"device": device.name, "depth": req.request.depth,
                                  "dense_mb_per_token": round(choice.dense_bytes / 1e6, 2),
                                  "plan_mb_per_token": round(choice.plan_bytes / 1e6, 2),
-                                 "speedup": round(choice.predicted_speedup, 3)})
+                                 "speedup": round(choice.predicted_speedup, 3),
+                                 "lm_head_share": round(choice.head_share, 3),
+                                 "speedup_ceiling": round(choice.ceiling, 3)})
 
 
 def heal_stage(req: ConvertRequest, inputs: Inputs, weights: Weights, teacher: Weights, plan: FusionPlan,

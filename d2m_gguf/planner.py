@@ -19,6 +19,7 @@ that costs less quality for the bytes saved (at long contexts a layer's KV cache
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .analysis import LayerScores
@@ -200,18 +201,28 @@ class PlanChoice:
     dense_bytes: float
     plan_bytes: float
     predicted_speedup: float
+    head_share: float = 0.0     # of the dense model's bytes per token: the LM head (and the embedding row)
+    ceiling: float = math.inf   # the speedup of removing every block: what no plan can reach
+
+    def bound(self) -> str:
+        """The LM-head bound in words, for a user choosing a target."""
+        return (f"the LM head is {self.head_share:.0%} of the bytes a token reads: removing every layer would be "
+                f"x{self.ceiling:.2f} at most")
 
 
 def choose_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, device: Device) -> PlanChoice:
     """The plan for `req`: `fuse` given, or the smallest one meeting the speed/bytes target."""
     dense_cfg = hybrid_config(spec, plan_prune(spec.n_layer, []))
     dense = planned_cost(dense_cfg, req.weight_types, req.depth)
+    head = planned_cost(dense_cfg.with_blocks(()), req.weight_types, req.depth)
+    ceiling = head.tokens_per_s(device) / dense.tokens_per_s(device)
 
     def evaluate(n: int) -> PlanChoice:
         plan = build_plan(spec, scores, req, n)
         cost = planned_cost(hybrid_config(spec, plan), req.weight_types, req.depth)
         return PlanChoice(plan, n, dense.total_bytes, cost.total_bytes,
-                          cost.tokens_per_s(device) / dense.tokens_per_s(device))
+                          cost.tokens_per_s(device) / dense.tokens_per_s(device),
+                          head.total_bytes / dense.total_bytes, ceiling)
 
     if req.fuse is not None:
         if not 0 <= req.fuse <= spec.n_layer - 2:
@@ -224,4 +235,6 @@ def choose_plan(spec: DenseSpec, scores: LayerScores, req: PlanRequest, device: 
         if ((req.target_speedup is None or choice.predicted_speedup >= req.target_speedup)
                 and (req.max_bytes_per_token is None or choice.plan_bytes <= req.max_bytes_per_token)):
             return choice
-    raise D2MError("no plan of this model meets the target; lower --target-speedup or raise --max-bytes-per-token")
+    why = f" ({choice.bound()})" if req.target_speedup is not None and req.target_speedup >= ceiling else ""
+    raise D2MError(f"no plan of this model meets the target{why}; lower --target-speedup or raise "
+                   f"--max-bytes-per-token")

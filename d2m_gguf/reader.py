@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import gguf
 import numpy as np
 import torch
 
-from .constants import ARCH, ATTENTION_TENSORS, INTERLEAVED_ROPE_ARCHS, STOCK_ARCHS, Keys, T, runtime_of, tensor_name
+from .constants import ARCH, ATTENTION_TENSORS, FFN_POST_NORM_EXPS, INTERLEAVED_ROPE_ARCHS, STOCK_ARCHS, Keys, T, runtime_of, tensor_name
 from .errors import D2MError
-from .model import BlockConfig, HybridConfig, HybridModel
+from .model import BlockConfig, HybridConfig, HybridModel, activation
 from .tensor_names import state_key
 
 
@@ -109,6 +110,11 @@ def _expected_shapes(cfg: HybridConfig, i: int) -> dict[str, tuple[int, ...]]:
             shapes[tensor_name(T.ATTN_OUT, i, "bias")] = (d,)
         if cfg.qk_norm:
             shapes.update({tensor_name(T.ATTN_Q_NORM, i): (hd,), tensor_name(T.ATTN_K_NORM, i): (hd,)})
+        if cfg.post_norms:
+            shapes[tensor_name(T.ATTN_POST_NORM, i)] = (d,)
+    if cfg.post_norms:
+        shapes[tensor_name(FFN_POST_NORM_EXPS, i) if b.is_moe else tensor_name(T.FFN_POST_NORM, i)] = \
+            (b.n_expert, d) if b.is_moe else (d,)
     if b.is_moe:
         e, f = b.n_expert, b.n_ff
         shapes.update({
@@ -186,6 +192,16 @@ def _metadata_problems(reader: gguf.GGUFReader) -> tuple[list[str], int, bool]:
     if _is_int(n_head) and _is_int(n_head_kv) and n_head > 0 and n_head_kv > 0 and n_head % n_head_kv:
         problems.append(f"{Keys.HEAD_COUNT} {n_head} is not a multiple of {Keys.HEAD_COUNT_KV} {n_head_kv}")
         complete = False
+    window = field(reader, Keys.SLIDING_WINDOW)
+    if window is not None and not (_is_int(window) and 0 <= window <= MAX_CONTEXT):
+        problems.append(f"{Keys.SLIDING_WINDOW} = {window!r} is out of range 0..{MAX_CONTEXT}")
+        complete = False
+    elif window:
+        pattern = field(reader, Keys.SLIDING_WINDOW_PATTERN)
+        if not (isinstance(pattern, list) and len(pattern) == n and all(isinstance(v, bool) for v in pattern)):
+            problems.append(f"{Keys.SLIDING_WINDOW_PATTERN} must be one bool per layer where "
+                            f"{Keys.SLIDING_WINDOW} is set")
+            complete = False
     experts, used = field(reader, Keys.EXPERT_COUNT), field(reader, Keys.EXPERT_USED_COUNT)
     if isinstance(experts, list) and isinstance(used, list):
         for i, (e, k) in enumerate(zip(experts, used)):
@@ -216,6 +232,7 @@ def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> Hyb
     used = field(reader, Keys.EXPERT_USED_COUNT)
     n_ff = field(reader, Keys.FEED_FORWARD_LENGTH)
     first_attn = next((i for i in range(n) if present[i]), None)
+    sliding = field(reader, Keys.SLIDING_WINDOW_PATTERN) if field(reader, Keys.SLIDING_WINDOW, 0) else None
     n_embd = int(field(reader, Keys.EMBEDDING_LENGTH))
     n_head = int(field(reader, Keys.HEAD_COUNT))
     return HybridConfig(
@@ -230,8 +247,28 @@ def hybrid_config_from_gguf(reader: gguf.GGUFReader, strict: bool = True) -> Hyb
         qk_norm=first_attn is not None and tensor_name(T.ATTN_Q_NORM, first_attn) in names,
         tie_word_embeddings=tensor_name(T.OUTPUT) not in names,
         normalize_topk=bool(field(reader, Keys.EXPERT_WEIGHTS_NORM, False)),
-        blocks=tuple(BlockConfig(bool(present[i]), int(n_ff[i]), int(experts[i]), int(used[i])) for i in range(n)),
+        blocks=tuple(BlockConfig(bool(present[i]), int(n_ff[i]), int(experts[i]), int(used[i]),
+                                 bool(sliding[i]) if sliding else False) for i in range(n)),
+        **_gemma_fields(reader, ARCH, names),
     )
+
+
+def _has_post_norms(names: set[str]) -> bool:
+    """Gemma-style output norms: the model has them where its tensors do."""
+    return any(n.endswith((".post_attention_norm.weight", ".post_ffw_norm.weight", "_norm_exps.weight")) for n in names)
+
+
+def _gemma_fields(reader: gguf.GGUFReader, arch: str, names: set[str]) -> dict[str, Any]:
+    """HybridConfig's Gemma-style fields from the keys of a file of `arch` (absent: Llama's); a model has
+    output norms where its tensors do."""
+    def key(name: str, default: Any) -> Any:
+        return field(reader, getattr(Keys, name).replace(ARCH, arch, 1), default)
+
+    return dict(
+        embedding_scale=float(key("EMBEDDING_SCALE", 1.0)), ffn_activation=str(key("FFN_ACTIVATION", "silu")),
+        post_norms=_has_post_norms(names),
+        sliding_window=int(key("SLIDING_WINDOW", 0)), rope_theta_swa=float(key("ROPE_FREQ_BASE_SWA", 0.0)),
+        attention_scale=float(key("ATTENTION_SCALE", 0.0)))
 
 
 def _partial_config(reader: gguf.GGUFReader, n: int) -> tuple[HybridConfig, int, bool]:
@@ -260,7 +297,8 @@ def _partial_config(reader: gguf.GGUFReader, n: int) -> tuple[HybridConfig, int,
         qkv_bias=first_attn is not None and tensor_name(T.ATTN_Q, first_attn, "bias") in names,
         o_bias=first_attn is not None and tensor_name(T.ATTN_OUT, first_attn, "bias") in names,
         qk_norm=first_attn is not None and tensor_name(T.ATTN_Q_NORM, first_attn) in names,
-        tie_word_embeddings=tensor_name(T.OUTPUT) not in names, normalize_topk=True, blocks=tuple(blocks))
+        tie_word_embeddings=tensor_name(T.OUTPUT) not in names, normalize_topk=True, blocks=tuple(blocks),
+        post_norms=_has_post_norms(names))
     return cfg, covered, sizes_ok
 
 
@@ -303,7 +341,21 @@ def _stock_config(reader: gguf.GGUFReader) -> tuple[HybridConfig, list[str]]:
         qk_norm=tensor_name(T.ATTN_Q_NORM, first) in names, tie_word_embeddings=tensor_name(T.OUTPUT) not in names,
         normalize_topk=False,
         blocks=tuple(BlockConfig(bool(heads[i]), int(n_ff[i])) for i in range(min(n, len(heads), len(n_ff)))))
+    if arch == "gemma3":
+        cfg = _gemma3_config(reader, cfg, names)
     return cfg, problems
+
+
+def _gemma3_config(reader: gguf.GGUFReader, cfg: HybridConfig, names: set[str]) -> HybridConfig:
+    """What llama.cpp's gemma3 adds to a Llama-style config: the embedding scale, GeGLU, output norms, the window
+    on the layers of the pattern (an array, or every 6th layer global), their RoPE base, the attention scale."""
+    fields = _gemma_fields(reader, "gemma3", names)
+    pattern = field(reader, "gemma3.attention.sliding_window_pattern", 6)
+    sliding = pattern if isinstance(pattern, list) else [(i + 1) % int(pattern) != 0 for i in range(cfg.n_layer)]
+    fields.update(embedding_scale=cfg.n_embd ** 0.5, ffn_activation="gelu",
+                  rope_theta_swa=fields["rope_theta_swa"] or 10000.0, attention_scale=cfg.head_dim ** -0.5)
+    blocks = [replace(b, sliding=bool(fields["sliding_window"]) and bool(s)) for b, s in zip(cfg.blocks, sliding)]
+    return replace(cfg, blocks=tuple(blocks), **fields)
 
 
 def _expected_tensors(cfg: HybridConfig, layers: int, untied: bool) -> dict[str, tuple[int, ...]]:
@@ -381,7 +433,8 @@ def load_hybrid(path: Path, emulate_llama_cpp: bool = False) -> HybridModel:
 
     With `emulate_llama_cpp`, every matmul also rounds its input the way llama.cpp's CPU
     kernels do for that weight's type (model.round_activations), so the reference computes
-    what llama.cpp computes for a Q8_0/F16/BF16/F32 file, not the float32 ideal."""
+    what llama.cpp computes for a Q8_0/F16/BF16/F32 file, not the float32 ideal; and GELU (Gemma) is
+    ggml's table over f16 inputs (model.gelu_f16_table)."""
     reader = open_gguf(path)   # once: parsing a 49k-token vocabulary takes seconds
     problems = _validate(reader)
     if problems:
@@ -423,6 +476,10 @@ def _set_activation_rounding(model: HybridModel, reader: gguf.GGUFReader) -> Non
         raise D2MError(f"{reader.data.filename}: activation emulation covers F32/F16/BF16/Q8_0, not {sorted(unsupported)}")
     keys = state_key(model)
     modules = dict(model.named_modules())
+    if model.cfg.ffn_activation == "gelu":      # llama.cpp's GELU is a table over f16 inputs
+        for module in modules.values():
+            if hasattr(module, "act_fn"):
+                module.act_fn = activation("gelu_ggml")
     for t in reader.tensors:
         act = _ACT_OF_TYPE.get(t.tensor_type.name)
         if t.name not in keys or len(t.shape) < 2 or "ffn_gate_inp" in t.name:

@@ -2,8 +2,8 @@
 
 `DenseSpec` is the typed boundary between "some HF checkpoint directory" and the
 rest of the pipeline. Family differences (qkv bias, q/k norm, tied embeddings,
-RoPE layout) are fields here, so the planner, the reference model and the writers
-never look at config.json themselves.
+RoPE layout, Gemma's norms, activation and sliding window) are fields here, so the
+planner, the reference model and the writers never look at config.json themselves.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("mistral", "llama"),
     "Qwen2ForCausalLM": ("qwen2", "qwen2"),
     "Qwen3ForCausalLM": ("qwen3", "qwen3"),
+    "Gemma3ForCausalLM": ("gemma3", "gemma3"),
 }
+# HF's name of the norm before the MLP (Gemma's `post_attention_layernorm` norms the attention's output)
+_FFN_NORM = {"gemma3": "pre_feedforward_layernorm"}
 
 
 @dataclass(frozen=True)
 class DenseSpec:
-    """Hyperparameters of a dense decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3)."""
+    """Hyperparameters of a dense decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3)."""
 
     family: str
     hf_architecture: str
@@ -45,7 +48,24 @@ class DenseSpec:
     o_bias: bool
     qk_norm: bool
     rope_scaling: dict[str, Any] | None = None
+    # Gemma 3 (the defaults are Llama's; model.HybridConfig carries the same fields)
+    ffn_activation: str = "silu"              # "gelu": GeGLU with tanh GELU
+    embedding_scale: float = 1.0              # sqrt(n_embd)
+    post_norms: bool = False                  # RMSNorm on the attention's and the MLP's outputs
+    norm_offset: float = 0.0                  # the checkpoint stores norm gains minus this (Gemma: 1)
+    sliding_window: int = 0                   # window of the layers in swa_layers
+    swa_layers: tuple[bool, ...] = ()         # per layer: sliding-window attention (empty: none)
+    rope_theta_swa: float = 0.0               # their RoPE base
+    attention_scale: float = 0.0              # q.k scale (0: 1/sqrt(head_dim))
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ffn_norm(self) -> str:
+        """HF's name of a layer's norm before its MLP."""
+        return _FFN_NORM.get(self.family, "post_attention_layernorm")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
 
     @property
     def dense_gguf_arch(self) -> str:
@@ -71,7 +91,7 @@ class DenseSpec:
             p = f"model.layers.{i}."
             shapes.update({
                 p + "input_layernorm.weight": (self.n_embd,),
-                p + "post_attention_layernorm.weight": (self.n_embd,),
+                p + self.ffn_norm + ".weight": (self.n_embd,),
                 p + "self_attn.q_proj.weight": (self.n_embd_q, self.n_embd),
                 p + "self_attn.k_proj.weight": (self.n_embd_kv, self.n_embd),
                 p + "self_attn.v_proj.weight": (self.n_embd_kv, self.n_embd),
@@ -89,6 +109,9 @@ class DenseSpec:
             if self.qk_norm:
                 shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
                 shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
+            if self.post_norms:
+                shapes[p + "post_attention_layernorm.weight"] = (self.n_embd,)
+                shapes[p + "post_feedforward_layernorm.weight"] = (self.n_embd,)
         return shapes
 
 
@@ -168,6 +191,8 @@ def dense_spec(config: dict[str, Any], where) -> DenseSpec:
     if config.get("mlp_bias"):
         raise D2MError(f"{where}: mlp_bias=true is not supported")
     attention_bias = bool(config.get("attention_bias", False))
+    gemma = _gemma3_fields(config, where, n_embd, n_layer=int(_require(config, "num_hidden_layers", where))) \
+        if family == "gemma3" else {}
     return DenseSpec(
         family=family,
         hf_architecture=arch,
@@ -180,11 +205,38 @@ def dense_spec(config: dict[str, Any], where) -> DenseSpec:
         vocab_size=int(_require(config, "vocab_size", where)),
         n_ctx_train=int(config.get("max_position_embeddings", 2048)),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=float(config.get("rope_theta", 1e6 if family == "gemma3" else 10000.0)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=attention_bias or family == "qwen2",
         o_bias=attention_bias and family != "qwen2",
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "gemma3"),
         rope_scaling=rope_scaling,
         config=config,
+        **gemma,
     )
+
+
+def _gemma3_fields(config: dict[str, Any], where, n_embd: int, n_layer: int) -> dict[str, Any]:
+    """Gemma 3's differences from Llama, read as transformers' Gemma3TextConfig reads them; what the
+    toolchain does not compute is refused by name."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(key) is not None:
+            raise D2MError(f"{where}: {key}={config[key]} is not supported")
+    if config.get("use_bidirectional_attention"):
+        raise D2MError(f"{where}: use_bidirectional_attention=true (an embedding model) is not supported")
+    act = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise D2MError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    layer_types = config.get("layer_types")
+    if layer_types is None:   # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
+    if len(layer_types) != n_layer or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise D2MError(f"{where}: layer_types must list sliding_attention or full_attention for each of the "
+                       f"{n_layer} layers")
+    window = int(config.get("sliding_window") or 0)
+    swa = tuple(t == "sliding_attention" for t in layer_types) if window > 0 else ()
+    return dict(ffn_activation="gelu", embedding_scale=n_embd ** 0.5, post_norms=True, norm_offset=1.0,
+                sliding_window=window, swa_layers=swa,
+                rope_theta_swa=float(config.get("rope_local_base_freq", 10000.0)),
+                attention_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)

@@ -4,11 +4,12 @@ Many results of the job are ordinary transformers: pruning keeps attention + den
 LF-UC whose router found no use for a guest drops it (upcycle.drop_idle_experts). Written as `dense2moe` such
 a model needs the patched llama.cpp for no reason in the model itself, so the writer picks, in this order:
 
-- standard: the source family's own architecture (`llama`, `qwen2`, `qwen3`), as upstream's converter
-  writes a model of that depth (RoPE rows interleaved for `llama`, one `feed_forward_length`). Exact when every
-  block has attention and one dense FFN; a block whose FFN sums several MLPs is wider than the others, and
-  zero rows (gate, up) and columns (down) pad the others to its width: silu(0) * 0 = 0, so exact, but read
-  every token;
+- standard: the source family's own architecture (`llama`, `qwen2`, `qwen3`, `gemma3`), as upstream's
+  converter writes a model of that depth (RoPE rows interleaved for `llama`, one `feed_forward_length`; for
+  `gemma3` the kept layers' sliding-window pattern as an array, which its loader reads, since pruning moves
+  the global layers off llama.cpp's default every-6th). Exact when every block has attention and one dense
+  FFN; a block whose FFN sums several MLPs is wider than the others, and zero rows (gate, up) and columns
+  (down) pad the others to its width: silu(0) * 0 = 0, so exact, but read every token;
 - deci: llama.cpp's per-layer architecture (Nemotron): per-layer `head_count`, `head_count_kv` and
   `feed_forward_length`, where `head_count` 0 is a block without attention and without KV cache. Exact for
   llama-family and qwen2 models (q/k/v bias is loaded) whose block 0 has attention (its loader takes the
@@ -82,13 +83,18 @@ def _moe_blocks(cfg: HybridConfig) -> list[str]:
 
 def standard_obstacles(cfg: HybridConfig) -> list[str]:
     """Why the source family's own architecture cannot compute this model (empty: it can)."""
-    return _moe_blocks(cfg) + [f"block {j} has no attention" for j, b in enumerate(cfg.blocks) if not b.attention]
+    out = _moe_blocks(cfg) + [f"block {j} has no attention" for j, b in enumerate(cfg.blocks) if not b.attention]
+    if cfg.attention_scale and cfg.attention_scale != cfg.head_dim ** -0.5:
+        out.append(f"attention scale {cfg.attention_scale:g} (stock gemma3 takes 1/sqrt(head_dim))")
+    return out
 
 
 def deci_obstacles(cfg: HybridConfig, spec: DenseSpec) -> list[str]:
     """Why llama.cpp's `deci` cannot compute this model (empty: it can)."""
     out = _moe_blocks(cfg)
-    if spec.dense_gguf_arch not in ("llama", "qwen2"):
+    if spec.post_norms:
+        out.append(f"deci has no Gemma-style blocks ({spec.family}: output norms, GeGLU, scaled embeddings)")
+    elif spec.dense_gguf_arch not in ("llama", "qwen2"):
         out.append(f"deci has no q/k norm ({spec.family})")
     if cfg.blocks and not cfg.blocks[0].attention:
         out.append("block 0 has no attention (deci's loader takes the head size from layer 0)")
@@ -211,10 +217,12 @@ def export_stock(model: HybridModel | Weights, choice: ArchChoice, plan: FusionP
         if choice.arch == DECI:
             add_general(writer, hf_dir, outtype)
             _add_deci_hparams(writer, weights.cfg)
-            add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer)
+            add_vocab(writer, hf_dir, spec.vocab_size, pre_tokenizer, spec.family)
         else:
             add_dense_metadata(writer, replace(spec, n_layer=weights.cfg.n_layer, n_ff=choice.n_ff), hf_dir, outtype,
                                pre_tokenizer)
+            if weights.cfg.sliding_window:
+                writer.add_sliding_window_pattern([b.sliding for b in weights.cfg.blocks])
         add_provenance(writer, plan, spec, hf_dir, healing)
 
     write_gguf(out_path, choice.arch, tensors, metadata, progress=progress, desc=f"{choice.arch} export")

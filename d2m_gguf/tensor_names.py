@@ -4,6 +4,7 @@
     model.layers.3.self_attn.q_proj.weight     blk.3.attn_q.weight
     model.layers.3.mlp.router.bias             blk.3.ffn_gate_inp.bias
     model.layers.3.mlp.experts.gate_proj       blk.3.ffn_gate_exps.weight
+    model.layers.3.mlp.experts.post_norm       blk.3.post_ffw_norm_exps.weight   (Gemma-style blocks)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ _BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_at
           "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.router": "ffn_gate_inp",
           "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
-          "mlp.experts.down_proj": "ffn_down_exps"}
+          "mlp.experts.down_proj": "ffn_down_exps", "self_attn.post_norm": "post_attention_norm",
+          "mlp.post_norm": "post_ffw_norm", "mlp.experts.post_norm": "post_ffw_norm_exps"}
 _LAYERS = "model.layers."
 
 

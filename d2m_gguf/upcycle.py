@@ -9,6 +9,10 @@ LF-UC heals in: AdamW is not invariant to that change of variables, and the
 folded baseline heals better (docs/results.md).
 A dense copy of one layer keeps its source norm untouched, so the identity plan
 reproduces the dense model bit for bit.
+
+Gemma-style models norm each MLP's output too; that norm is not linear, so it cannot be folded: an expert
+keeps its source layer's output norm (Experts.post_norm), and a block can only hold whole MLPs (no wide
+dense block summing several MLPs, no MLP split into several experts).
 """
 
 from __future__ import annotations
@@ -27,34 +31,48 @@ from .weights import Weights, layer_of, state_shapes
 
 def hybrid_config(spec: DenseSpec, plan: FusionPlan) -> HybridConfig:
     """The architecture a plan produces from a dense model."""
+    if spec.post_norms:
+        for j, b in enumerate(plan.blocks):
+            if b.split > 1 or (not b.moe and len(b.mlp) > 1):
+                raise D2MError(f"block {j}: {spec.family} norms each MLP's output, so a block holds whole MLPs: "
+                               f"no split experts, no dense block of several MLPs (use \"ffn\": \"moe\")")
     blocks = tuple(
         BlockConfig(attention=b.attention is not None,
                     n_ff=spec.n_ff // b.split if b.moe else spec.n_ff * len(b.mlp),
-                    n_expert=b.n_expert, n_expert_used=b.top_k if b.moe else 0)
+                    n_expert=b.n_expert, n_expert_used=b.top_k if b.moe else 0,
+                    sliding=b.attention is not None and spec.is_sliding(b.attention))
         for b in plan.blocks)
     return HybridConfig(
         vocab_size=spec.vocab_size, n_embd=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head_kv,
         head_dim=spec.head_dim, n_ctx_train=spec.n_ctx_train, rms_eps=spec.rms_eps, rope_theta=spec.rope_theta,
         qkv_bias=spec.qkv_bias, o_bias=spec.o_bias, qk_norm=spec.qk_norm,
-        tie_word_embeddings=spec.tie_word_embeddings, normalize_topk=plan.normalize_topk, blocks=blocks)
+        tie_word_embeddings=spec.tie_word_embeddings, normalize_topk=plan.normalize_topk, blocks=blocks,
+        ffn_activation=spec.ffn_activation, embedding_scale=spec.embedding_scale, post_norms=spec.post_norms,
+        sliding_window=spec.sliding_window if spec.swa_layers else 0, rope_theta_swa=spec.rope_theta_swa,
+        attention_scale=spec.attention_scale)
 
 
 class _Source:
-    """Float32 torch views of the dense checkpoint, by layer."""
+    """Float32 torch views of the dense checkpoint, by layer; norm gains as the multiplier itself (Gemma's
+    checkpoints store gain - 1)."""
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
+    def __init__(self, spec: DenseSpec, ckpt: Checkpoint):
+        self.spec, self.ckpt = spec, ckpt
 
     def get(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(self.ckpt.get(name)).to(torch.float32)
+        t = torch.from_numpy(self.ckpt.get(name)).to(torch.float32)
+        return t + self.spec.norm_offset if self.spec.norm_offset and name.endswith("norm.weight") else t
 
     def layer(self, i: int, name: str) -> torch.Tensor:
         return self.get(f"model.layers.{i}.{name}")
 
+    def ffn_norm(self, i: int) -> torch.Tensor:
+        return self.layer(i, self.spec.ffn_norm + ".weight")
+
     def folded(self, i: int, proj: str) -> torch.Tensor:
         """Layer i's gate, up or down projection, with its FFN norm gain folded into gate and up."""
         weight = self.layer(i, f"mlp.{proj}_proj.weight")
-        return weight if proj == "down" else weight * self.layer(i, "post_attention_layernorm.weight")
+        return weight if proj == "down" else weight * self.ffn_norm(i)
 
 
 def router_init(plan: FusionPlan, split: int, shape: tuple[int, int],
@@ -78,7 +96,7 @@ def plan_weights(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int 
     validate_plan(plan, n_layer=spec.n_layer, n_ff=spec.n_ff)
     cfg = hybrid_config(spec, plan)
     shapes = state_shapes(cfg)
-    src = _Source(ckpt)
+    src = _Source(spec, ckpt)
     try:
         healed = set(trained_blocks(plan))
     except D2MError:   # sources not monotonic: block-local healing refuses the plan, so nothing is trained
@@ -89,11 +107,17 @@ def plan_weights(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int 
         if j is None:
             return src.get(key)     # embeddings, final norm, LM head: the same names
         b, rest = plan.blocks[j], key.split(".", 3)[3]
+        if rest == "self_attn.post_norm.weight":
+            return src.layer(b.attention, "post_attention_layernorm.weight")
         if rest.startswith(("input_layernorm.", "self_attn.")):
             return src.layer(b.attention, rest)
+        if rest == "mlp.post_norm.weight":           # a dense block holds one MLP here (hybrid_config)
+            return src.layer(b.mlp[0], "post_feedforward_layernorm.weight")
+        if rest == "mlp.experts.post_norm":
+            return torch.stack([src.layer(s, "post_feedforward_layernorm.weight") for s in b.mlp])
         copy = not b.moe and len(b.mlp) == 1 and j not in healed     # an exact copy of one layer, unfolded
         if rest.startswith("post_attention_layernorm."):
-            return src.layer(b.mlp[0], rest) if copy else torch.ones(shapes[key])
+            return src.ffn_norm(b.mlp[0]) if copy else torch.ones(shapes[key])
         if copy:
             return src.layer(b.mlp[0], rest)
         if rest.startswith("mlp.router."):
@@ -125,7 +149,8 @@ def upcycle(spec: DenseSpec, ckpt: Checkpoint, plan: FusionPlan, seed: int = 0,
     return plan_weights(spec, ckpt, plan, seed).materialize(blocks)
 
 
-_EXPERT_TENSORS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "router.weight", "router.bias")
+_EXPERT_TENSORS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj", "experts.post_norm", "router.weight",
+                   "router.bias")
 
 
 def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usage: dict[int, list[float]],
@@ -153,11 +178,14 @@ def drop_idle_experts(model: HybridModel, plan: FusionPlan, spec: DenseSpec, usa
         if len(keep) > 1:
             blocks[j] = replace(b, mlp=tuple(b.mlp[e] for e in keep))
             for name in _EXPERT_TENSORS:
-                state[prefix + name] = state[prefix + name][keep]
+                if prefix + name in state:
+                    state[prefix + name] = state[prefix + name][keep]
             continue
         blocks[j] = BlockPlan(b.attention, (b.mlp[keep[0]],), moe=False)
         for name in ("gate", "up", "down"):
             state[f"{prefix}{name}_proj.weight"] = state.pop(f"{prefix}experts.{name}_proj")[keep[0]]
+        if prefix + "experts.post_norm" in state:    # Gemma-style: the kept expert's output norm
+            state[f"{prefix}post_norm.weight"] = state.pop(f"{prefix}experts.post_norm")[keep[0]]
         for name in ("router.weight", "router.bias"):
             del state[prefix + name]
     if not dropped:

@@ -245,15 +245,17 @@ def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
                        f"which do not fit the model's vocab_size {vocab_size} (config.json)")
 
 
-def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, pre_tokenizer: str | None = None) -> None:
+def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int, pre_tokenizer: str | None = None,
+              family: str | None = None) -> None:
     """Write the tokenizer of `hf_dir` as GGUF metadata (tokens, types, scores or merges, specials, template)."""
     hf_dir = Path(hf_dir)
     check_tokenizer(hf_dir, vocab_size)
     config_path = hf_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        add_prefix_space = _read_json(config_path).get("add_prefix_space")
-        if add_prefix_space is not None:
-            writer.add_add_space_prefix(add_prefix_space)
+    add_prefix_space = _read_json(config_path).get("add_prefix_space") if config_path.is_file() else None
+    if family == "gemma3" and (hf_dir / "tokenizer.model").is_file():
+        add_prefix_space = False   # Gemma's SentencePiece model adds no prefix space (upstream writes so)
+    if add_prefix_space is not None:
+        writer.add_add_space_prefix(add_prefix_space)
     if (hf_dir / "tokenizer.model").is_file():
         _add_sentencepiece(writer, hf_dir, vocab_size)
         return

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import Block, HybridConfig, HybridModel, rope_cos_sin
+from .model import Block, HybridConfig, HybridModel, Positions, attention_inputs
 
 LAYER_PREFIX = "model.layers."
 
@@ -116,8 +116,9 @@ class LayerStream:
         table = self.weights.load("model.embed_tokens.weight")
         return [F.embedding(chunks[i:i + batch], table) for i in range(0, len(chunks), batch)]
 
-    def rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(torch.arange(n_tokens), self.cfg.head_dim, self.cfg.rope_theta)
+    def positions(self, n_tokens: int) -> Positions:
+        """What the blocks' attention needs for sequences of n_tokens (causal, from position 0)."""
+        return attention_inputs(self.cfg, torch.arange(n_tokens))
 
     def blocks(self, upto: int | None = None) -> Iterator[tuple[int, Block]]:
         """(j, block j) for j < upto, one block in memory at a time."""

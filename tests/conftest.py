@@ -36,6 +36,21 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    return _require(_env_path("D2M_GEMMA3", REPO / "models" / "gemma-3-270m") / "model.safetensors", "gemma3").parent
+
+
+@pytest.fixture(scope="session")
+def gemma3_upstream_f32(gemma3_dir, llama_src, tmp_path_factory) -> Path:
+    """Upstream's convert_hf_to_gguf.py --outtype f32 of the Gemma 3 fixture (about a minute: made once)."""
+    out = tmp_path_factory.mktemp("gemma3-upstream") / "upstream-f32.gguf"
+    proc = subprocess.run([sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(gemma3_dir),
+                           "--outfile", str(out), "--outtype", "f32"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def llama_src() -> Path:
     return _require(_env_path("D2M_LLAMA_SRC", REPO / "build" / "llama.cpp-src") / "convert_hf_to_gguf.py",
                     "llama-src").parent
