@@ -107,8 +107,14 @@ def frozen_routers(model: HybridModel, enabled: bool = True):
 
 # -- teacher activations -----------------------------------------------------------------------
 
+# float16 holds a residual stream up to 65504; Gemma 3's grows past 1e5 in its middle layers
+_FLOAT16_SAFE = float(np.finfo(np.float16).max) / 2
+
+
 class TeacherCache:
-    """Residual stream of the dense teacher at chosen layer boundaries, float16 memmaps [N, T, D].
+    """Residual stream of the dense teacher at chosen layer boundaries, memmaps [N, T, D]: float16, or float32 at
+    a boundary where the stream is too large for float16 (Gemma 3's, whose values pass 1e5 in float16 would be
+    inf: block-local healing would fit infinite targets).
 
     Computed layer by layer (weights.LayerStream): every cached sequence passes one block before the next
     is loaded, so the teacher is never in memory whole; only the residual stream of the N sequences is
@@ -117,13 +123,11 @@ class TeacherCache:
     def __init__(self, teacher: HybridModel | Weights, chunks: torch.Tensor, boundaries: set[int],
                  cache_dir: Path | None = None, batch: int = 8, progress: bool = True):
         self._tmp = tempfile.TemporaryDirectory(prefix="d2m-teacher-", dir=cache_dir)
-        root = Path(self._tmp.name)
         stream = LayerStream(teacher)
         n, t = chunks.shape
-        d = stream.cfg.n_embd
+        self._shape = (n, t, stream.cfg.n_embd)
         self.boundaries = sorted(boundaries)
-        self.maps = {b: np.lib.format.open_memmap(root / f"b{b}.npy", mode="w+", dtype=np.float16, shape=(n, t, d))
-                     for b in self.boundaries}
+        self.maps: dict[int, np.ndarray] = {}
         last = max(self.boundaries)
         pos = stream.positions(t)
         with torch.no_grad():
@@ -136,9 +140,13 @@ class TeacherCache:
         self.positions = pos
 
     def _store(self, boundary: int, xs: list[torch.Tensor], batch: int) -> None:
-        if boundary in self.maps:
-            for k, x in enumerate(xs):
-                self.maps[boundary][k * batch:(k + 1) * batch] = x.numpy().astype(np.float16)
+        if boundary not in self.boundaries:
+            return
+        fits = max(float(x.abs().max()) for x in xs) < _FLOAT16_SAFE
+        self.maps[boundary] = np.lib.format.open_memmap(Path(self._tmp.name) / f"b{boundary}.npy", mode="w+",
+                                                        dtype=np.float16 if fits else np.float32, shape=self._shape)
+        for k, x in enumerate(xs):
+            self.maps[boundary][k * batch:(k + 1) * batch] = x.numpy().astype(self.maps[boundary].dtype)
 
     def get(self, boundary: int, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.maps[boundary][np.sort(idx)].astype(np.float32))

@@ -151,10 +151,12 @@ class KvCacheInfo:
 
 
 def parse_kv_cache(log: str) -> KvCacheInfo:
-    """llama.cpp's `llama_kv_cache: size = X MiB (N cells, L layers, ...)` line; a sliding-window model has two
+    """llama.cpp's `llama_kv_cache: size = X MiB (N cells, L layers, ...)` line of the first context the log
+    creates (tools that fit parameters to memory create one more); a sliding-window model's context has two
     caches (the full layers', the windowed layers'): their sizes and layers add up, cells are the larger."""
     found = list(_KV.finditer(log))
     if not found:
         raise D2MError("no llama_kv_cache size line in the log")
+    found = found[:2] if "llama_kv_cache_iswa: creating" in log else found[:1]
     return KvCacheInfo(sum(float(m.group(1)) for m in found), max(int(m.group(2)) for m in found),
                        sum(int(m.group(3)) for m in found))
