@@ -157,10 +157,11 @@ define llama_configure
 	  > build/$(1)/configure.log \
 	  || { cat build/$(1)/configure.log; exit 1; }
 endef
-# $(call llama_targets,NAME,TOOLS,BIN): build the tools in a configured build/NAME and copy them to BIN
+# $(call llama_targets,NAME,TOOLS,BIN): build the tools in a configured build/NAME and copy them to BIN (a new
+# file, so that a tool running from BIN keeps its old one)
 define llama_targets
 	cmake --build build/$(1)/build -j $(JOBS) --target $(2)
-	mkdir -p $(3) && for t in $(2); do cp build/$(1)/build/bin/$$t $(3)/; done
+	mkdir -p $(3) && for t in $(2); do cp --remove-destination build/$(1)/build/bin/$$t $(3)/; done
 endef
 # $(call llama_build,NAME,PATCHES,TOOLS,EXTRA_CMAKE,BIN): both
 define llama_build

@@ -602,10 +602,13 @@ def bench_adb(results, matrix_dir, quants, threads, verbose) -> None:
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
               help="Reuse an importance matrix (GGUF) instead of computing one.")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@click.option("--head-type", default=None, help="The LM head's type (and a tied embedding's) instead of the "
+              "recipe's, e.g. Q5_0 where a large vocabulary makes the head most of the bytes (docs/results.md: "
+              "Gemma 3's 262k-token head).")
 @verbose_option
 @user_errors
 def quantize_cmd(src, out, device, qtype, text, chunks, ctx, min_expert_tokens, imatrix_file, no_imatrix,
-                 verbose) -> None:
+                 head_type, verbose) -> None:
     """Quantize SRC (an f16/f32 GGUF) to OUT for a device: its recipe, an importance matrix from the patched
     llama-imatrix (tokens per expert reported, rare experts pooled) and the patched llama-quantize."""
     from .quantize import load_recipe, quantize_file
@@ -615,7 +618,8 @@ def quantize_cmd(src, out, device, qtype, text, chunks, ctx, min_expert_tokens, 
     if device:
         device = str(load_recipe(device).path)   # an unknown device fails here, before any work
     rep = quantize_file(src, out, device or qtype, text=text, ctx=ctx, chunks=chunks,
-                        min_expert_tokens=min_expert_tokens, use_imatrix=not no_imatrix, imatrix=imatrix_file)
+                        min_expert_tokens=min_expert_tokens, use_imatrix=not no_imatrix, imatrix=imatrix_file,
+                        head_type=head_type)
     for line in rep.lines():
         click.echo(line)
 

@@ -24,6 +24,7 @@ import gguf
 
 from .errors import D2MError
 from .model import HybridConfig
+from .quantize import shape_fallback
 
 
 def bytes_per_weight(qtype: str | gguf.GGMLQuantizationType) -> float:
@@ -147,7 +148,8 @@ def planned_cost(cfg: HybridConfig, types: WeightTypes = WeightTypes(), depth: i
             cost.flops += 2 * n_ffn
         cost.per_layer.append(layer_bytes)
     head = cfg.vocab_size * d
-    cost.weight_bytes = sum(cost.per_layer) - cost.kv_bytes + head * bytes_per_weight(types.output) + d * 4
+    head_type = shape_fallback(types.output, d)    # what llama-quantize stores (Q6_K on 576 or 640 columns: Q8_0)
+    cost.weight_bytes = sum(cost.per_layer) - cost.kv_bytes + head * bytes_per_weight(head_type) + d * 4
     cost.flops += 2 * head
     return cost
 

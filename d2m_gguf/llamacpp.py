@@ -70,14 +70,18 @@ class LlamaCpp:
 
     # -- tools ------------------------------------------------------------------------------
 
-    def logits(self, model: Path, tokens: Sequence[int], mode: str = "batch", ctx: int | None = None) -> tuple[np.ndarray, str]:
-        """Logits [n_tokens, n_vocab] from `llama-d2m-logits` (batch prefill or token-by-token decode), and its log."""
+    def logits(self, model: Path, tokens: Sequence[int], mode: str = "batch", ctx: int | None = None,
+               prefill: int = 0) -> tuple[np.ndarray, str]:
+        """Logits [n_tokens, n_vocab] from `llama-d2m-logits` (batch prefill or token-by-token decode, the decode
+        after a one-batch prefill of the first `prefill` tokens), and its log."""
         with tempfile.TemporaryDirectory() as tmp:
             tok_file, out_file = Path(tmp) / "tokens.bin", Path(tmp) / "logits.bin"
             np.asarray(tokens, dtype="<i4").tofile(tok_file)
             args = ["-m", model, "--tokens", tok_file, "--out", out_file, "--mode", mode, "-t", self.threads]
             if ctx:
                 args += ["-c", ctx]
+            if prefill:
+                args += ["--prefill", prefill]
             proc = self.run("llama-d2m-logits", args)
             data = np.fromfile(out_file, dtype="<f4")
         return data.reshape(len(tokens), -1), proc.stderr

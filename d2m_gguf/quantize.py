@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,7 @@ class Recipe:
         for cls in ("attention", "experts", "ffn"):
             if cls in self.types:
                 args += ["--tensor-type", f"{CLASS_PATTERNS[cls]}={self.types[cls]}"]
-        out = self.types.get("output")
-        emb = out if tied_embeddings and out else self.types.get("embeddings")
-        if out:
-            args += ["--output-tensor-type", shape_fallback(out, n_embd)]
-        if emb:
-            args += ["--token-embedding-type", shape_fallback(emb, n_embd)]
-        return args
+        return args + head_args(self.types.get("output"), self.types.get("embeddings"), tied_embeddings, n_embd)
 
     def describe(self) -> list[str]:
         lines = [f"recipe {self.name} ({self.path}): base {self.base}: {self.why.get('base', '')}"]
@@ -84,6 +78,16 @@ class Recipe:
                 lines.append(f"  {cls:<10} {self.types[cls]:<7} {self.why.get(cls, '')}")
         return lines
 
+
+def head_args(output: str | None, embeddings: str | None, tied_embeddings: bool, n_embd: int | None) -> list[str]:
+    """llama-quantize's options for the LM head and the token embedding (tied: one tensor, the head's type)."""
+    emb = output if tied_embeddings and output else embeddings
+    args = ["--output-tensor-type", shape_fallback(output, n_embd)] if output else []
+    return args + (["--token-embedding-type", shape_fallback(emb, n_embd)] if emb else [])
+
+
+_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q5_K", "Q4_1", "Q4_0", "Q4_K", "IQ4_NL",
+                 "IQ4_XS")     # the types a head can take (--head-type)
 
 _FALLBACK = {"IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ2_XS": "IQ4_NL",
              "IQ2_XXS": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
@@ -315,11 +319,13 @@ def _needs_requantize(path: Path) -> bool:
 def quantize_file(src: Path, dst: Path, qtype_or_recipe: str, llama: LlamaCpp | None = None,
                   text: Path | None = None, ctx: int = 256, chunks: int | None = 64,
                   min_expert_tokens: int | None = None, use_imatrix: bool = True,
-                  imatrix: Path | None = None, work_dir: Path | None = None) -> QuantizeReport:
+                  imatrix: Path | None = None, work_dir: Path | None = None,
+                  head_type: str | None = None) -> QuantizeReport:
     """Quantize `src` to `dst` with a plain llama-quantize type (Q4_0, Q4_K_M, ...) or a device recipe name.
 
     With `use_imatrix` an importance matrix is computed on `text` (or `imatrix`, an earlier one, is reused),
-    rare experts are pooled, and it is passed to llama-quantize (types that do not use one ignore it)."""
+    rare experts are pooled, and it is passed to llama-quantize (types that do not use one ignore it).
+    `head_type` replaces the recipe's (or llama-quantize's) type of the LM head, and of a tied embedding."""
     from .data import DEFAULT_CALIBRATION
 
     llama = llama or LlamaCpp.default()
@@ -331,11 +337,16 @@ def quantize_file(src: Path, dst: Path, qtype_or_recipe: str, llama: LlamaCpp | 
     work.mkdir(parents=True, exist_ok=True)
     recipe = None
     upper = qtype_or_recipe.upper()
+    if head_type and head_type.upper() not in _TENSOR_TYPES:
+        raise D2MError(f"unknown head type {head_type!r} (a GGML tensor type: {', '.join(_TENSOR_TYPES)})")
     if qtype_or_recipe in recipe_names() or qtype_or_recipe.endswith(".json") or _is_device(qtype_or_recipe):
         recipe = load_recipe(qtype_or_recipe)
+        if head_type:
+            recipe = replace(recipe, types={**recipe.types, "output": head_type.upper()})
         qtype, args = recipe.base, recipe.quantize_args(_is_tied(src), _n_embd(src))
     else:
-        qtype, args = upper, []
+        tied = _is_tied(src)
+        qtype, args = upper, head_args(head_type.upper(), None, tied, _n_embd(src)) if head_type else []
     if _needs_requantize(src):
         log.warning("%s is already quantized: requantizing (quality suffers; quantize from f16/f32)", src)
         args.append("--allow-requantize")

@@ -216,6 +216,16 @@ def dense_spec(config: dict[str, Any], where) -> DenseSpec:
     )
 
 
+GEMMA3_GLOBAL_EVERY = 6            # a period without a per-layer list: every 6th layer attends globally
+GEMMA3_ROPE_BASE_LOCAL = 10000.0   # the sliding layers' RoPE base where a file or config leaves it out
+
+
+def every_nth_global(n_layer: int, every: int = GEMMA3_GLOBAL_EVERY) -> tuple[bool, ...]:
+    """Sliding flags from a period (older transformers configs, llama.cpp's scalar pattern): layer i is global
+    when (i + 1) % every == 0."""
+    return tuple((i + 1) % every != 0 for i in range(n_layer))
+
+
 def _gemma3_fields(config: dict[str, Any], where, n_embd: int, n_layer: int) -> dict[str, Any]:
     """Gemma 3's differences from Llama, read as transformers' Gemma3TextConfig reads them; what the
     toolchain does not compute is refused by name."""
@@ -228,9 +238,10 @@ def _gemma3_fields(config: dict[str, Any], where, n_embd: int, n_layer: int) -> 
     if act != "gelu_pytorch_tanh":
         raise D2MError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
     layer_types = config.get("layer_types")
-    if layer_types is None:   # older configs: every `sliding_window_pattern`-th layer is global
-        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
-        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
+    if layer_types is None:   # older configs: a period
+        every = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern")
+                    or GEMMA3_GLOBAL_EVERY)
+        layer_types = ["sliding_attention" if s else "full_attention" for s in every_nth_global(n_layer, every)]
     if len(layer_types) != n_layer or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise D2MError(f"{where}: layer_types must list sliding_attention or full_attention for each of the "
                        f"{n_layer} layers")
@@ -238,5 +249,5 @@ def _gemma3_fields(config: dict[str, Any], where, n_embd: int, n_layer: int) -> 
     swa = tuple(t == "sliding_attention" for t in layer_types) if window > 0 else ()
     return dict(ffn_activation="gelu", embedding_scale=n_embd ** 0.5, post_norms=True, norm_offset=1.0,
                 sliding_window=window, swa_layers=swa,
-                rope_theta_swa=float(config.get("rope_local_base_freq", 10000.0)),
+                rope_theta_swa=float(config.get("rope_local_base_freq", GEMMA3_ROPE_BASE_LOCAL)),
                 attention_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)

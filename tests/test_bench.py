@@ -163,6 +163,21 @@ def test_quantize_for_phone_applies_the_recipe_to_a_stock_file(tiny_llama, llama
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
 
 
+def test_head_type_replaces_the_recipes_head(tiny_d2m_f16, tmp_path):
+    """--head-type: the LM head (here tied: the embedding) takes the given type, the rest keeps the recipe's."""
+    out = tmp_path / "head.gguf"
+    proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, out, "--device", "phone-i8mm", "--head-type", "q5_0",
+                   "--no-imatrix")
+    assert proc.returncode == 0, proc.stderr
+    types = tensor_types(out)
+    assert types["token_embd.weight"] == "Q5_0" and "output.weight" not in types
+    assert {t for n, t in types.items() if ".attn_" in n and "norm" not in n} == {load_recipe("phone-i8mm").types["attention"]}
+    proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, tmp_path / "x.gguf", "--type", "Q4_0", "--head-type",
+                   "Q9_9")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown head type 'Q9_9'")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_quantize_unknown_device_is_one_line_exit_2(tiny_d2m_f16, tmp_path):
     proc = run_cli("-m", "d2m_gguf", "quantize", tiny_d2m_f16, tmp_path / "x.gguf", "--device", "nokia-3310")
     assert proc.returncode == 2 and proc.stderr.startswith("error: no quantization recipe")
@@ -475,9 +490,10 @@ def test_bench_adb_without_a_device_says_so(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp_path):
-    """Speed is read in one llama-bench process per file order (forward, then reversed), half the repetitions
-    each, and every row's decode speed is the mean of its samples from both."""
+@pytest.mark.parametrize("depth", [0, 16])
+def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp_path, depth):
+    """Speed is read in both file orders (forward, then reversed; past depth 0 a process per file), half the
+    repetitions each, and every row's decode speed is the mean of its samples from both."""
     import statistics
 
     from d2m_gguf.bench.llamabench import llama_bench
@@ -486,11 +502,12 @@ def test_llama_bench_times_both_file_orders(tiny_llama, tiny_d2m_f16, llama, tmp
 
     dense = tmp_path / "dense-f16.gguf"
     export_dense(tiny_llama, dense, OutType.F16, progress=False)
-    rows = llama_bench(llama, [dense, tiny_d2m_f16], n_gen=4, n_prompt=8, repetitions=3, log_dir=tmp_path)
+    rows = llama_bench(llama, [dense, tiny_d2m_f16], depths=(depth,), n_gen=4, n_prompt=8, repetitions=3,
+                       log_dir=tmp_path)
     runs = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("llama-bench", "llama-bench-reversed")]
     firsts = [Path(run[0]["model_filename"]).name for run in runs]
     assert firsts == [dense.name, tiny_d2m_f16.name]
-    assert [(r.model, r.depth) for r in rows] == [(dense.name, 0), (tiny_d2m_f16.name, 0)]
+    assert [(r.model, r.depth) for r in rows] == [(dense.name, depth), (tiny_d2m_f16.name, depth)]
     for row in rows:
         decode = [t for run in runs for r in run if Path(r["model_filename"]).name == row.model and r["n_gen"] > 0
                   for t in r["samples_ts"]]

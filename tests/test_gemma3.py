@@ -1,10 +1,13 @@
 """The gemma3 family through the toolchain, on the real Gemma 3 270M (`make gemma3`; issue 32).
 
 - The dense export is upstream's file byte for byte, and stock llama.cpp measures the same perplexity on both.
-- The PyTorch reference with Gemma-style blocks (four norms, GeGLU, scaled embeddings, q/k norm, sliding window
-  with its own RoPE base) computes what transformers' Gemma3ForCausalLM computes, past the 512-token window.
 - A pruned Gemma 3 is written as stock `gemma3` with the kept layers' sliding-window pattern (pruning moves the
-  global layers off llama.cpp's default every-6th) and llama.cpp computes the reference's logits.
+  global layers off llama.cpp's default every-6th) and upstream's gemma3 graph computes the logits of the PyTorch
+  reference with Gemma-style blocks (four norms, GeGLU, scaled embeddings, q/k norm, sliding window with its own
+  RoPE base), past the 512-token window: the reference is held to an implementation it shares no code with.
+  (Against transformers' Gemma3ForCausalLM it measured NMSE < 1e-9 on 640 tokens, 2026-12-05.)
+- An all-kinds dense2moe plan of it runs in the patched build with parity; transformers runs its --save-hf
+  checkpoint; the default job's shape runs on the host and on arm64.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from d2m_gguf.checkpoint import Checkpoint
 from d2m_gguf.dense_export import export_dense
 from d2m_gguf.errors import D2MError
 from d2m_gguf.ggufout import OutType
-from d2m_gguf.plan import BlockPlan, FusionPlan, identity_plan
+from d2m_gguf.plan import BlockPlan, FusionPlan
 from d2m_gguf.reader import inspect_gguf
 from d2m_gguf.spec import load_dense_spec
 from d2m_gguf.stock_export import GgufArch, export_model
@@ -28,6 +31,8 @@ from .conftest import REPO, _env_path, _require
 from .helpers import gguf_diff, nmse, top1_agreement
 
 N_TOKENS = 640          # past the sliding window (512), so the local layers' mask and RoPE base matter
+PREFILL = 480           # the f32 decode check: one batch, then token by token across the window's edge (each
+                        # step reads the whole f32 262k-token head: all 640 steps took 44 s, these 160 22 s)
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +66,6 @@ def test_gemma3_blocks_hold_whole_mlps(gemma3_dir):
     moe[3] = BlockPlan(3, (3, 4), moe=True, top_k=1)
     cfg = hybrid_config(spec, FusionPlan(tuple(moe), 18))
     assert cfg.blocks[3].n_expert == 2 and cfg.blocks[3].sliding and not cfg.blocks[4].sliding  # block 4: layer 5
-
-
-@pytest.mark.slow
-def test_the_reference_is_transformers_gemma3(gemma3_dir, tokens):
-    from transformers import AutoModelForCausalLM
-
-    spec = load_dense_spec(gemma3_dir)
-    ours = upcycle(spec, Checkpoint(gemma3_dir), identity_plan(spec.n_layer)).eval()
-    theirs = AutoModelForCausalLM.from_pretrained(str(gemma3_dir), dtype=torch.float32,
-                                                  attn_implementation="eager").eval()
-    x = torch.tensor([tokens])
-    with torch.no_grad():
-        a, b = ours(x)[0].numpy(), theirs(x).logits[0].numpy()
-    print(f"reference vs transformers: NMSE {nmse(a, b):.2e}, max |d| {abs(a - b).max():.2e}")
-    assert nmse(a, b) < 1e-9 and top1_agreement(a, b) == 1.0
 
 
 @pytest.mark.slow
@@ -142,7 +132,7 @@ def test_all_kinds_parity_f32(all_kinds, tokens, llama):
     floats = ("rms_eps", "embedding_scale")     # stored as f32
     assert replace(reread.cfg, **{f: 0.0 for f in floats}) == replace(model.cfg, **{f: 0.0 for f in floats})
     assert all(torch.equal(reread.state_dict()[k], v) for k, v in model.state_dict().items())
-    check(llama, files["f32"], tokens, "f32")
+    check(llama, files["f32"], tokens, "f32", prefill=PREFILL)
 
 
 @pytest.mark.slow

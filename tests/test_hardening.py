@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from d2m_gguf.constants import Keys
+from d2m_gguf.errors import D2MError
 from d2m_gguf.reader import field, open_gguf
 
 from .conftest import REPO, run_cli
@@ -191,3 +192,34 @@ def test_absurd_sizes_are_refused_by_llama_cpp(case, tool, tiny_hybrid, llama, t
         if theirs in proc.stderr:
             break
     assert any(theirs in s for s in stderr), stderr[-1][-3000:]
+
+
+def test_the_fast_reader_reads_what_gguf_py_reads(tmp_path):
+    """open_gguf reads numeric metadata arrays as one view (GGUFFileReader): every field's contents and types, and
+    every tensor, equal gguf-py's own reader's, empty arrays included; an array running past the file is refused."""
+    path = tmp_path / "arrays.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_array("test.scores", [0.5, -1.25, 3.0])
+    w.add_array("test.types", [1, 2, 3, 6])
+    w.add_array("test.flags", [True, False, True])
+    w.add_array("test.empty", [])
+    w.add_array("test.tokens", ["<s>", "▁a", "b"])
+    w.add_uint32("test.scalar", 7)
+    w.add_tensor("t", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        assert (ours.fields[key].contents(), ours.fields[key].types) == (f.contents(), f.types), key
+    assert ours.fields["test.scores"].contents() == [0.5, -1.25, 3.0]
+    assert [(t.name, t.tensor_type, t.data.tolist()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data.tolist()) for t in theirs.tensors]
+    data = bytearray(path.read_bytes())
+    at = data.find(b"test.types") + len(b"test.types") + 4 + 4     # the key, its value type, the item type
+    data[at:at + 8] = (1 << 40).to_bytes(8, "little")               # 2^40 elements
+    path.write_bytes(bytes(data))
+    with pytest.raises(D2MError, match="not a readable GGUF"):
+        open_gguf(path)

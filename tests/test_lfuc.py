@@ -58,9 +58,10 @@ def test_smollm2_redundant_layers_are_the_known_ones(smollm2_scores):
 
 
 def test_cost_model_matches_the_byte_budget(smollm2_dir):
-    """SmolLM2 at Q4_0 with a Q6_K head reads 83 MB per token at depth 0, 95 MB at 512, 177 MB at 4096."""
+    """SmolLM2 at Q4_0 with a Q6_K head (which llama-quantize stores as Q8_0: 576 columns are not a multiple of
+    Q6_K's 256) reads 90 MB per token at depth 0, 102 MB at 512, 184 MB at 4096."""
     cfg = hybrid_config(load_dense_spec(smollm2_dir), identity_plan(30))
-    for depth, mb in ((0, 83.1), (512, 94.9), (4096, 177.5)):
+    for depth, mb in ((0, 89.9), (512, 101.7), (4096, 184.3)):
         assert planned_cost(cfg, WeightTypes(), depth).total_bytes / 1e6 == pytest.approx(mb, abs=0.1)
     devices = load_devices()
     assert {"phone-i8mm", "phone-dotprod", "rpi5"} <= set(devices)

@@ -70,22 +70,26 @@ def decided_top1(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return top1_agreement(got[decided], ref[decided]) if decided.any() else 0.0, float(decided.mean())
 
 
-def check(llama, gguf_path, tokens, outtype):
+def check(llama, gguf_path, tokens, outtype, prefill=0):
+    """llama.cpp's batch and decode logits against the reference's; decode one token at a time after a one-batch
+    prefill of the first `prefill` tokens, judged on the decoded positions."""
     model = load_hybrid(gguf_path, emulate_llama_cpp=True)   # F32 weights: no rounding (GELU: ggml's table)
     with torch.no_grad():
         ref = model(torch.tensor([tokens]))[0].numpy()
     max_nmse, min_top1 = LIMITS[outtype]
     logs, outputs = {}, {}
     for mode in ("batch", "decode"):
-        got, log = llama.logits(gguf_path, tokens, mode=mode)
+        got, log = llama.logits(gguf_path, tokens, mode=mode, prefill=prefill if mode == "decode" else 0)
         assert got.shape == ref.shape
-        e, a = nmse(got, ref), top1_agreement(got, ref)
+        first = prefill if mode == "decode" else 0
+        got, want = got[first:], ref[first:]
+        e, a = nmse(got, want), top1_agreement(got, want)
         print(f"{gguf_path.name} {mode}: NMSE {e:.3g}, top-1 agreement {a:.4f}")
         assert e <= max_nmse, f"{mode}: NMSE {e:.3g} > {max_nmse}"
         if outtype == "f32":
             assert a >= min_top1, f"{mode}: top-1 agreement {a:.3f} < {min_top1}"
         else:
-            a_decided, share = decided_top1(got, ref)
+            a_decided, share = decided_top1(got, want)
             print(f"  decided positions {share:.3f}, agreement there {a_decided:.4f}")
             assert share >= MIN_DECIDED_SHARE, \
                 f"{mode}: only {share:.2f} of positions have a top-2 margin above {DECIDED_MARGIN}x the noise"
@@ -93,8 +97,9 @@ def check(llama, gguf_path, tokens, outtype):
         logs[mode] = log
         outputs[mode] = got
     if outtype != "f32":
-        print(f"  llama.cpp batch vs decode: NMSE {nmse(outputs['batch'], outputs['decode']):.3g}, "
-              f"top-1 agreement {top1_agreement(outputs['batch'], outputs['decode']):.4f}")
+        batch, decode = outputs["batch"][prefill:], outputs["decode"]
+        print(f"  llama.cpp batch vs decode: NMSE {nmse(batch, decode):.3g}, "
+              f"top-1 agreement {top1_agreement(batch, decode):.4f}")
     return logs
 
 

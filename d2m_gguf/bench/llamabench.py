@@ -90,17 +90,26 @@ def llama_bench(llama: LlamaCpp, models: list[Path], depths: tuple[int, ...] = (
 
     Why two orders: on a shared machine the speed drifts over a run and the first file can pay a warm-up
     (measured: an f16 SmolLM2 read 36-43 tok/s decoding first in a process, 49 last), so within one order
-    the file order leaks into the ratios; in both orders it falls on every file alike."""
+    the file order leaks into the ratios; in both orders it falls on every file alike.
+
+    Past depth 0 every file gets its own process: llama-bench (pinned) keeps the KV state of its last depth fill
+    and restores it into the next model's context; with a sliding-window cache (Gemma 3) that restore half
+    succeeds and the next test fails ("failed to decode prompt batch, res = 1"), and elsewhere the next model
+    would be timed on another model's cache."""
     orders = [models, models[::-1]] if len(models) > 1 else [models]
     per_order = max(1, math.ceil(repetitions / len(orders)))
     samples: Samples = {}
     for i, order in enumerate(orders):
-        proc = llama.run("llama-bench", bench_args(order, n_prompt, n_gen, per_order, llama.threads, depths, extra))
+        records, errs = [], []
+        for run in ([[m] for m in order] if any(depths or ()) else [order]):
+            proc = llama.run("llama-bench", bench_args(run, n_prompt, n_gen, per_order, llama.threads, depths, extra))
+            parse_llama_bench(proc.stdout, into=samples)
+            records += json.loads(proc.stdout[proc.stdout.find("["):])
+            errs.append(proc.stderr)
         if log_dir is not None:
             name = "llama-bench" + ("-reversed" if i else "")
-            (log_dir / f"{name}.json").write_text(proc.stdout)
-            (log_dir / f"{name}.log").write_text(proc.stderr)
-        parse_llama_bench(proc.stdout, into=samples)
+            (log_dir / f"{name}.json").write_text(json.dumps(records, indent=2))
+            (log_dir / f"{name}.log").write_text("\n".join(errs))
     return speed_rows(samples)
 
 
