@@ -345,8 +345,7 @@ def quantize_file(src: Path, dst: Path, qtype_or_recipe: str, llama: LlamaCpp | 
             recipe = replace(recipe, types={**recipe.types, "output": head_type.upper()})
         qtype, args = recipe.base, recipe.quantize_args(_is_tied(src), _n_embd(src))
     else:
-        tied = _is_tied(src)
-        qtype, args = upper, head_args(head_type.upper(), None, tied, _n_embd(src)) if head_type else []
+        qtype, args = upper, head_args(head_type.upper(), None, _is_tied(src), _n_embd(src)) if head_type else []
     if _needs_requantize(src):
         log.warning("%s is already quantized: requantizing (quality suffers; quantize from f16/f32)", src)
         args.append("--allow-requantize")

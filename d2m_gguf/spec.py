@@ -223,6 +223,8 @@ GEMMA3_ROPE_BASE_LOCAL = 10000.0   # the sliding layers' RoPE base where a file 
 def every_nth_global(n_layer: int, every: int = GEMMA3_GLOBAL_EVERY) -> tuple[bool, ...]:
     """Sliding flags from a period (older transformers configs, llama.cpp's scalar pattern): layer i is global
     when (i + 1) % every == 0."""
+    if every <= 0:
+        raise D2MError(f"a sliding-window pattern of {every}: every n-th layer is global, n must be positive")
     return tuple((i + 1) % every != 0 for i in range(n_layer))
 
 

@@ -54,6 +54,15 @@ def test_the_spec_reads_gemma3(gemma3_dir):
     assert spec.attention_scale == 256 ** -0.5
 
 
+def test_a_period_gives_every_nth_layer_global():
+    """Older configs and llama.cpp's scalar pattern give a period: spec and reader share one reading of it."""
+    from d2m_gguf.spec import every_nth_global
+
+    assert [i for i, s in enumerate(every_nth_global(18)) if not s] == [5, 11, 17]
+    with pytest.raises(D2MError, match="must be positive"):
+        every_nth_global(18, 0)
+
+
 def test_gemma3_blocks_hold_whole_mlps(gemma3_dir):
     """Each MLP's output norm is not linear: no wide dense block summing MLPs, no MLP split into experts."""
     spec = load_dense_spec(gemma3_dir)
