@@ -79,9 +79,9 @@ def check(llama, gguf_path, tokens, outtype, prefill=0):
     max_nmse, min_top1 = LIMITS[outtype]
     logs, outputs = {}, {}
     for mode in ("batch", "decode"):
-        got, log = llama.logits(gguf_path, tokens, mode=mode, prefill=prefill if mode == "decode" else 0)
-        assert got.shape == ref.shape
         first = prefill if mode == "decode" else 0
+        got, log = llama.logits(gguf_path, tokens, mode=mode, prefill=first)
+        assert got.shape == ref.shape
         got, want = got[first:], ref[first:]
         e, a = nmse(got, want), top1_agreement(got, want)
         print(f"{gguf_path.name} {mode}: NMSE {e:.3g}, top-1 agreement {a:.4f}")
